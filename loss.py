@@ -1,0 +1,209 @@
+"""Losses and advantages for On-Policy Distillation (OPD).
+
+What this file owns (pure tensor functions, no distributed / vLLM / config code):
+
+* ``kl_estimate``    -- per-token estimators of KL(student || teacher) from the
+                        log-probs of the *sampled* tokens (k1, k2, k3, abs).
+* ``opd_advantages`` -- turns teacher log-probs into a per-token advantage:
+                        ``rl_adv - sum_i coef_i * routed_i * KL_i``.  A sample
+                        only pays the KL of the teachers that actually scored it.
+* ``policy_loss``    -- PPO-style clipped surrogate with token- or
+                        sequence-level importance ratios against the behaviour
+                        (sampler) policy, plus the usual aggregation modes.
+* ``agg_denom``      -- the divisor ``policy_loss`` uses, so a caller that
+                        splits a batch over micro-batches / ranks can all-reduce
+                        it and reproduce the global aggregation exactly.
+
+Simplifications compared with production trainers:
+
+* The KL is estimated only on the sampled token (no full-vocabulary KL) and it
+  enters as a reward/advantage, not as a differentiable loss term.
+* No value function, no GAE, no dual-clip, no entropy bonus, no KL-to-reference
+  penalty in the loss.  ``clip=None`` is plain importance sampling.
+* Every tensor is ``[B, T]`` over response tokens; ``mask`` marks real tokens.
+  Positions outside the mask may hold anything (even inf/nan): they are
+  selected away with ``torch.where`` rather than multiplied by zero, because
+  ``nan * 0`` is still nan.
+"""
+
+import torch
+
+KL_KINDS = ("k1", "k2", "k3", "abs")
+LEVELS = ("token", "seq")
+AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+
+
+def masked_mean(x, mask, dim=None):
+    """Mean of ``x`` over positions where ``mask`` is true (0 if there are none)."""
+    valid = mask.bool()
+    total = torch.where(valid, x, torch.zeros_like(x))
+    count = valid.to(x.dtype)
+    if dim is None:
+        return total.sum() / count.sum().clamp_min(1)
+    return total.sum(dim) / count.sum(dim).clamp_min(1)
+
+
+# --------------------------------------------------------------------------- #
+# KL estimators and OPD advantages
+# --------------------------------------------------------------------------- #
+
+
+def kl_estimate(logp, ref_logp, kind="k1"):
+    """Per-token estimate of KL(policy || ref) for tokens sampled from the policy.
+
+    With ``d = logp - ref_logp``:
+      k1  = d                   unbiased, but single tokens can be negative
+      k2  = d**2 / 2            biased, always >= 0
+      k3  = exp(-d) + d - 1     unbiased and always >= 0 (Schulman's estimator)
+      abs = |d|
+    """
+    d = logp - ref_logp
+    if kind == "k1":
+        return d
+    if kind == "k2":
+        return 0.5 * d.square()
+    if kind == "k3":
+        return torch.exp(-d) + d - 1
+    if kind == "abs":
+        return d.abs()
+    raise ValueError(f"unknown KL kind {kind!r}; valid kinds: {', '.join(KL_KINDS)}")
+
+
+def opd_advantages(student_logp, teacher_logps, coefs, routed, mask, rl_adv=None, kind="k1"):
+    """Per-token OPD advantage, ``[B, T]``, carrying no gradient.
+
+    adv = (rl_adv or 0) - sum_i coefs[i] * routed[i] * KL(student || teacher_i)
+
+    ``teacher_logps[name]`` is ``[B, T]``; ``routed[name]`` is a bool ``[B]``
+    saying which samples that teacher scored.  Rows a teacher did not score may
+    hold garbage, so they are removed with ``torch.where`` before summing.
+    ``rl_adv`` (optional) is ``[B, T]`` or ``[B]`` (one value per sequence).
+    """
+    # Advantages are targets, never something to differentiate through.
+    student_logp = student_logp.detach()
+    adv = torch.zeros_like(student_logp)
+
+    for name, teacher_logp in teacher_logps.items():
+        kl = kl_estimate(student_logp, teacher_logp.detach().to(student_logp.dtype), kind)
+        hit = routed[name].bool().unsqueeze(-1)  # [B, 1], broadcast over tokens
+        adv = adv - coefs[name] * torch.where(hit, kl, torch.zeros_like(kl))
+
+    if rl_adv is not None:
+        rl_adv = rl_adv.detach().to(adv.dtype)
+        if rl_adv.dim() == 1:  # one scalar per sequence (e.g. GRPO) -> every token
+            rl_adv = rl_adv.unsqueeze(-1)
+        adv = adv + rl_adv
+
+    return torch.where(mask.bool(), adv, torch.zeros_like(adv))
+
+
+# --------------------------------------------------------------------------- #
+# Policy-gradient loss
+# --------------------------------------------------------------------------- #
+
+
+def _clip_bounds(clip):
+    """``0.2`` -> (0.8, 1.2); ``(low, high)`` -> (1 - low, 1 + high)."""
+    if isinstance(clip, (tuple, list)):
+        low, high = clip
+    else:
+        low = high = clip
+    return 1.0 - low, 1.0 + high
+
+
+def _log_ratio(logp, old_logp, valid, level):
+    """log(pi / pi_old) per token, or the sequence's mean broadcast to its tokens."""
+    # Zero the log-ratio on padding *before* exp: exp(garbage) could be inf, and
+    # inf in a discarded branch still turns the backward pass into nan.
+    log_ratio = torch.where(valid, logp - old_logp, torch.zeros_like(logp))
+    if level == "token":
+        return log_ratio
+    if level == "seq":
+        # Geometric mean of the token ratios (GSPO-style): one ratio per
+        # sequence, length-normalised so long answers are not clipped more.
+        # Empty sequences get log-ratio 0, i.e. ratio 1.
+        seq = masked_mean(log_ratio, valid, dim=-1)
+        return seq.unsqueeze(-1).expand_as(log_ratio)
+    raise ValueError(f"unknown level {level!r}; valid levels: {', '.join(LEVELS)}")
+
+
+def agg_denom(mask, agg="token-mean"):
+    """Default divisor of ``policy_loss`` for this batch (an int64 0-d tensor).
+
+    token-mean: number of response tokens; seq-*: number of non-empty sequences.
+    Sum it over micro-batches and ranks, pass the total as ``denom`` to every
+    ``policy_loss`` call, and the summed losses equal the global aggregation.
+    """
+    valid = mask.bool()
+    if agg == "token-mean":
+        return valid.sum()
+    if agg in ("seq-mean-token-mean", "seq-mean-token-sum"):
+        return valid.any(dim=-1).sum()
+    raise ValueError(f"unknown agg {agg!r}; valid aggs: {', '.join(AGGS)}")
+
+
+def _aggregate(per_token, valid, agg, denom):
+    """Reduce a ``[B, T]`` loss to a scalar; ``per_token`` is already 0 on padding."""
+    if agg == "token-mean":
+        numer = per_token.sum()
+    elif agg == "seq-mean-token-mean":
+        n_tokens = valid.sum(dim=-1).clamp_min(1).to(per_token.dtype)
+        numer = (per_token.sum(dim=-1) / n_tokens).sum()  # empty rows add 0
+    elif agg == "seq-mean-token-sum":
+        numer = per_token.sum()  # == sum over sequences of each sequence's sum
+    else:
+        raise ValueError(f"unknown agg {agg!r}; valid aggs: {', '.join(AGGS)}")
+
+    if denom is None:
+        denom = agg_denom(valid, agg)
+    denom = torch.as_tensor(denom, dtype=per_token.dtype, device=per_token.device)
+    # An empty batch has numer == 0 and a count of 0: divide by 1 instead, so the
+    # loss is exactly 0 and still has a (zero) gradient path to logp.
+    denom = torch.where(denom > 0, denom, torch.ones_like(denom))
+    return numer / denom
+
+
+def policy_loss(logp, old_logp, adv, mask, clip=0.2, level="token", agg="token-mean", denom=None):
+    """Clipped importance-sampled policy-gradient loss.
+
+    logp      current policy log-probs of the sampled tokens, ``[B, T]`` (has grad)
+    old_logp  behaviour policy's (the sampler's) log-probs, ``[B, T]``
+    adv       per-token advantages, ``[B, T]``
+    mask      1/True on response tokens
+    clip      eps, ``(eps_low, eps_high)``, or None for no clipping
+    level     "token": one ratio per token; "seq": one ratio per sequence
+    agg       "token-mean" | "seq-mean-token-mean" | "seq-mean-token-sum"
+    denom     overrides the final divisor (see ``agg_denom``)
+
+    Returns ``(loss, metrics)``; metrics are detached 0-d tensors.
+    """
+    if agg not in AGGS:  # fail before doing any work
+        raise ValueError(f"unknown agg {agg!r}; valid aggs: {', '.join(AGGS)}")
+    valid = mask.bool()
+    # Only the current policy is trained; the sampler's log-probs and the
+    # advantages are constants of the objective.
+    old_logp = old_logp.detach()
+    adv = adv.detach().to(logp.dtype)
+
+    ratio = torch.exp(_log_ratio(logp, old_logp, valid, level))
+    surr = ratio * adv
+    if clip is None:
+        objective = surr
+        clipped = torch.zeros_like(valid)
+    else:
+        lo, hi = _clip_bounds(clip)
+        surr_clipped = ratio.clamp(lo, hi) * adv
+        # Pessimistic bound: take the smaller objective.  Where the clamped
+        # term is the smaller one its gradient is zero -- that token is clipped.
+        objective = torch.minimum(surr, surr_clipped)
+        clipped = surr_clipped < surr
+
+    per_token = torch.where(valid, -objective, torch.zeros_like(objective))
+    loss = _aggregate(per_token, valid, agg, denom)
+
+    metrics = {
+        "loss": loss.detach(),
+        "is_ratio_mean": masked_mean(ratio.detach(), valid),
+        "clip_frac": masked_mean(clipped.to(logp.dtype), valid),
+    }
+    return loss, metrics
