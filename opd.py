@@ -1,0 +1,546 @@
+"""On-Policy Distillation (OPD): the training script.
+
+The student samples answers with a colocated vLLM engine, the teacher scores every sampled
+token, the advantage is the negative reverse KL per token (teacher_logp - student_logp),
+and the student takes an importance-sampled policy-gradient step with FSDP2. Then the new
+weights are streamed into vLLM and the next step samples from them.
+
+    python opd.py                                     # CPU default: the toy world, 1 rank
+    torchrun --nproc_per_node=2 opd.py                # the same on 2 ranks
+    torchrun --nproc_per_node=8 opd.py --config configs/qwen3_32b_to_8b.yaml
+    python opd.py --max_steps 5 --output_dir runs/x --student_train.lr 1e-4
+    python opd.py --help                              # every field, with its docstring
+
+This file owns the config schema, distributed init, building the pieces, the step loop
+(rollout -> teacher -> loss -> FSDP2 step -> weight sync -> log/checkpoint), logging and
+checkpoints. Not a framework: fork it.
+"""
+
+import dataclasses
+import datetime
+import difflib
+import json
+import math
+import os
+import resource
+import shutil
+import sys
+import time
+import typing
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import torch
+import torch.distributed as dist
+
+import data
+import rollout  # sets VLLM_ENABLE_V1_MULTIPROCESSING before anything imports vLLM
+import teachers as teachers_lib
+from loss import agg_denom, masked_mean, opd_advantages, policy_loss
+import toy
+
+# ----------------------------------------------------------------------------------------
+# Config. Every field's docstring is its --help text. Key names follow the seed (ROLL).
+
+
+@dataclass
+class StudentTrain:
+    lr: float = 1e-3
+    """AdamW learning rate of the student."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up over this many steps (then constant)."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this value (0 = no clipping)."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward on one rank; gradients accumulate over a step."""
+    dtype: str = "float32"
+    """Compute dtype of forward/backward (float32 | bfloat16). Master weights stay fp32."""
+    attn_implementation: str = "sdpa"
+    """transformers attention kernel: sdpa | eager | flash_attention_2 (GPU)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    clip: Optional[float] = 0.2
+    """PPO clip range of the importance ratio; None = plain importance sampling."""
+    is_level: Literal["token", "seq"] = "token"
+    """Importance ratio per token, or one per sequence (geometric mean)."""
+    loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
+    """How per-token losses are averaged over the global batch."""
+
+
+@dataclass
+class StudentInfer:
+    dtype: str = "float32"
+    """vLLM dtype (float32 | bfloat16). Passed explicitly: vLLM-CPU would pick bf16."""
+    tensor_parallel_size: int = 1
+    """vLLM tensor parallelism across ranks (external_launcher); 1 = every rank a replica."""
+    temperature: float = 1.0
+    """Sampling temperature (the trainer scores with the same temperature)."""
+    top_p: float = 1.0
+    """Nucleus sampling; below 1 the sampler's logprobs no longer match the trainer's."""
+    top_k: int = -1
+    """Top-k sampling (-1 = off); same caveat as top_p."""
+    gpu_memory_utilization: float = 0.4
+    """Share of GPU memory vLLM may take (GPU only)."""
+    kv_cache_gib: int = 1
+    """KV-cache size in GiB (CPU only: VLLM_CPU_KVCACHE_SPACE)."""
+    enforce_eager: bool = True
+    """Skip torch.compile / CUDA graphs in vLLM: faster start, slower decode."""
+    sleep: bool = True
+    """Free vLLM's memory while training, where the platform supports it (GPU)."""
+
+
+@dataclass
+class TeacherConfig:
+    model_name_or_path: str = os.path.join(toy.TOY_DIR, "teacher")
+    """HF-format directory of the teacher (forward only, sharded with FSDP2)."""
+    opd_kl_coef: float = 1.0
+    """Weight of this teacher's reverse KL in the advantage."""
+    tag_included: list[str] = field(default_factory=list)
+    """Tags of the samples this teacher scores; empty = all tags."""
+    dtype: str = "float32"
+    """Teacher compute dtype (float32 | bfloat16)."""
+    micro_batch_size: int = 8
+    """Sequences per teacher forward on one rank."""
+
+
+@dataclass
+class Data:
+    file_name: list[str] = field(default_factory=lambda: [os.path.join(toy.TOY_DIR, "train.jsonl")])
+    """jsonl files in the seed format (id, source, difficulty, prompt, messages, tag, ...)."""
+
+
+@dataclass
+class Config:
+    config: Optional[str] = None
+    """YAML preset to start from; flags given after it override its values."""
+    pretrain: str = os.path.join(toy.TOY_DIR, "student")
+    """HF-format directory of the initial student (for student_train and student_infer)."""
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: Data = field(default_factory=Data)
+    student_train: StudentTrain = field(default_factory=StudentTrain)
+    student_infer: StudentInfer = field(default_factory=StudentInfer)
+    rollout_batch_size: int = 16
+    """Prompts per step, global (split over data-parallel ranks)."""
+    num_return_sequences_in_group: int = 4
+    """Samples per prompt."""
+    prompt_length: int = 64
+    """Longest prompt in tokens; longer prompts are skipped (counted and logged)."""
+    response_length: int = 16
+    """Most tokens sampled per response."""
+    kl_estimator: Literal["k1", "k2", "k3", "abs"] = "k1"
+    """Per-token reverse-KL estimator that becomes the (negative) advantage."""
+    max_steps: int = 20
+    """Training steps (one rollout batch and one optimizer step each)."""
+    save_steps: int = 0
+    """Save a checkpoint every N steps (0 = only at the end; always at the end)."""
+    output_dir: str = "runs/opd-{time}"
+    """Where config.yaml, metrics.jsonl, TensorBoard events and checkpoints/ go."""
+    overwrite_output_dir: bool = False
+    """Allow writing into an output_dir that already holds a run's metrics."""
+    seed: int = 0
+    """Seed of data order, sampling and everything else."""
+    device: str = "auto"
+    """cuda | cpu | auto (cuda if available)."""
+
+
+class ConfigError(ValueError):
+    """Bad configuration; the message names the key, flag or file."""
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def from_dict(cls, values, where):
+    """Build dataclass `cls` from a YAML mapping, rejecting unknown keys by name."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, val in values.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f"; known keys: {', '.join(names)}"
+            raise ConfigError(f"{where}: unknown key '{key}'{hint}")
+        typ = hints[key]
+        kwargs[key] = (from_dict(typ, val, f"{where}.{key}") if dataclasses.is_dataclass(typ)
+                       else _coerce(val, typ, f"{where}.{key}"))
+    return cls(**kwargs)
+
+
+def _coerce(val, typ, where):
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if origin is typing.Union:  # Optional[X]
+        return None if val is None else _coerce(val, args[0], where)
+    if origin is Literal:
+        if val not in args:
+            raise ConfigError(f"{where}: {val!r} is not one of {', '.join(map(str, args))}")
+        return val
+    if origin is list:
+        items = val if isinstance(val, list) else [val]
+        return [_coerce(v, args[0], where) for v in items]
+    ok = {float: (int, float), int: (int,), bool: (bool,), str: (str,)}[typ]
+    if not isinstance(val, ok) or (typ is not bool and isinstance(val, bool)):
+        raise ConfigError(f"{where}: expected {typ.__name__}, got {val!r}")
+    return typ(val)
+
+
+def parse_config(argv):
+    """--config YAML (if any) gives the defaults; every other flag overrides them."""
+    import tyro
+    import yaml
+
+    default = Config()
+    for i, arg in enumerate(argv):
+        if arg == "--config" or arg.startswith("--config="):
+            path = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
+            try:
+                with open(path) as f:
+                    values = yaml.safe_load(f) or {}
+            except OSError as e:
+                raise ConfigError(f"--config: cannot read {path!r}: {e.strerror}") from None
+            except yaml.YAMLError as e:
+                raise ConfigError(f"--config: {path} is not valid YAML: {e}") from None
+            default = from_dict(Config, values, path)
+            default.config = path
+    return tyro.cli(Config, args=argv, default=default, use_underscores=True,
+                    description=__doc__.split("\n\n")[0])
+
+
+def check_config(cfg, world):
+    tp = cfg.student_infer.tensor_parallel_size
+    if world % tp:
+        raise ConfigError(f"student_infer.tensor_parallel_size={tp} does not divide the world size {world}")
+    if cfg.rollout_batch_size % world:
+        raise ConfigError(f"rollout_batch_size={cfg.rollout_batch_size} must be a multiple of the "
+                          f"number of ranks ({world})")
+    for name in ("rollout_batch_size", "num_return_sequences_in_group", "prompt_length",
+                 "response_length", "max_steps"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    for where, dt in (("student_train.dtype", cfg.student_train.dtype),
+                      ("student_infer.dtype", cfg.student_infer.dtype), ("teacher.dtype", cfg.teacher.dtype)):
+        if dt not in DTYPES:
+            raise ConfigError(f"{where}: {dt!r} is not one of {', '.join(DTYPES)}")
+    for where, path in (("pretrain", cfg.pretrain), ("teacher.model_name_or_path", cfg.teacher.model_name_or_path)):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ConfigError(f"{where}: {path!r} is not a model directory (no config.json there)")
+    from transformers import AutoConfig
+
+    n_pos = AutoConfig.from_pretrained(cfg.pretrain).max_position_embeddings
+    if cfg.prompt_length + cfg.response_length > n_pos:
+        raise ConfigError(f"prompt_length + response_length = {cfg.prompt_length + cfg.response_length} "
+                          f"exceeds the student's max_position_embeddings ({n_pos})")
+
+
+# ----------------------------------------------------------------------------------------
+# Distributed set-up and building the pieces
+
+
+def init_distributed(device):
+    """torchrun gives us RANK/WORLD_SIZE; plain `python opd.py` is a world of one."""
+    if "RANK" not in os.environ:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        device = f"cuda:{torch.cuda.current_device()}"
+    dist.init_process_group()  # no backend given: gloo on CPU, nccl + gloo on GPU
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def build_student(cfg, device):
+    """The trainable student, sharded with FSDP2 over all ranks (ZeRO-3 style)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from transformers import AutoModelForCausalLM
+
+    st = cfg.student_train
+    model = AutoModelForCausalLM.from_pretrained(cfg.pretrain, dtype=torch.float32,
+                                                 attn_implementation=st.attn_implementation)
+    if st.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    mesh = init_device_mesh(torch.device(device).type, (dist.get_world_size(),))
+    # Parameters are all-gathered in `dtype` for compute; gradients reduce-scatter in fp32.
+    mp = MixedPrecisionPolicy(param_dtype=DTYPES[st.dtype], reduce_dtype=torch.float32)
+    # Each block is its own FSDP unit: its parameters are gathered just before it runs and
+    # freed right after (reshard_after_forward), then gathered again for backward.
+    for block in model.model.layers:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    model.to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=st.lr, weight_decay=st.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / st.warmup_steps) if st.warmup_steps else 1.0)
+    return model, opt, sched
+
+
+def save_checkpoint(model, tokenizer, path):
+    """HF-format student (config + safetensors + tokenizer) that transformers and vLLM load.
+
+    Gathers the full state dict on rank 0 (CPU); written to a temp dir then renamed, so a
+    crash never leaves a half-written step_N."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() == 0:
+        tmp = path + ".tmp"
+        model.save_pretrained(tmp, state_dict=state)
+        tokenizer.save_pretrained(tmp)
+        if os.path.exists(path):  # the same step saved twice: the newer one wins
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------
+# One training step on this rank's samples
+
+
+def train_step(cfg, student, opt, sched, batch, teacher_logps, routed, teachers):
+    """Advantage + IS policy loss over micro-batches, then one FSDP2 optimizer step.
+
+    The student's logp is computed once, with grad; its detached value is the pi_old of
+    the advantage (exact because there is one optimizer step per rollout batch). Each
+    micro-batch's loss is divided by the global token (or sequence) count over the world
+    size, because FSDP2 averages gradients over ranks: the accumulated gradient is exactly
+    that of the loss aggregated over the whole global batch."""
+    st = cfg.student_train
+    world = dist.get_world_size()
+    denom = agg_denom(batch.response_mask, st.loss_agg_mode).float()
+    dist.all_reduce(denom)
+    coefs = {t.name: t.coef for t in teachers}
+    sums = {"loss": 0.0, "tokens": 0.0, "kl": 0.0, "ratio": 0.0, "clip": 0.0}
+    for t in teachers:
+        sums[f"kl/{t.name}"] = sums[f"tokens/{t.name}"] = 0.0
+    for start in range(0, len(batch), st.micro_batch_size):
+        idx = list(range(start, min(start + st.micro_batch_size, len(batch))))
+        mb = batch.select(idx)
+        mb_tl = {n: v[idx] for n, v in teacher_logps.items()}
+        mb_routed = {n: v[idx] for n, v in routed.items()}
+        mask = mb.response_mask
+        logp = rollout.response_logp(student, mb, cfg.student_infer.temperature)
+        adv = opd_advantages(logp.detach(), mb_tl, coefs, mb_routed, mask, kind=cfg.kl_estimator)
+        loss, m = policy_loss(logp, mb.rollout_logp, adv, mask, clip=st.clip, level=st.is_level,
+                              agg=st.loss_agg_mode, denom=denom / world)
+        loss.backward()
+        # metrics, as sums over tokens so ranks and micro-batches combine exactly
+        n_tok = mask.sum().item()
+        kl_total = -opd_advantages(logp.detach(), mb_tl, coefs, mb_routed, mask, kind="k1")
+        sums["loss"] += loss.item() / world
+        sums["tokens"] += n_tok
+        sums["kl"] += kl_total.sum().item()
+        sums["ratio"] += m["is_ratio_mean"].item() * n_tok
+        sums["clip"] += m["clip_frac"].item() * n_tok
+        for t in teachers:
+            tmask = mask * mb_routed[t.name][:, None]
+            sums[f"kl/{t.name}"] += ((logp.detach() - mb_tl[t.name]) * tmask).sum().item()
+            sums[f"tokens/{t.name}"] += tmask.sum().item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), st.max_grad_norm or float("inf"))
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return sums, grad_norm.item()
+
+
+def reduce_sums(sums, device):
+    """Sum a dict of floats over all ranks (one all-reduce)."""
+    keys = sorted(sums)
+    vec = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(vec)
+    return dict(zip(keys, vec.tolist()))
+
+
+# ----------------------------------------------------------------------------------------
+# Logging
+
+
+class Logger:
+    """metrics.jsonl + TensorBoard + one console line per step, on rank 0 only."""
+
+    def __init__(self, output_dir, enabled):
+        self.enabled = enabled
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=output_dir)
+            self.jsonl = open(os.path.join(output_dir, "metrics.jsonl"), "a")
+
+    def log(self, step, metrics):
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.jsonl.flush()
+        for k, v in metrics.items():
+            self.tb.add_scalar(k, v, step)
+        self.tb.flush()
+
+    def close(self):
+        if self.enabled:
+            self.tb.close()
+            self.jsonl.close()
+
+
+def banner(msg):
+    if dist.get_rank() == 0:
+        print(msg, flush=True)
+
+
+# ----------------------------------------------------------------------------------------
+# The loop
+
+
+def main(cfg):
+    rank, world, device = init_distributed(cfg.device)
+    tp = cfg.student_infer.tensor_parallel_size
+    check_config(cfg, world)
+
+    # ---- output dir: one name for all ranks, never clobbering an earlier run
+    stamp = [datetime.datetime.now().strftime("%Y%m%d-%H%M%S")]
+    dist.broadcast_object_list(stamp, src=0)  # start-up only; not on the hot path
+    cfg.output_dir = cfg.output_dir.replace("{time}", stamp[0])
+    if os.path.exists(os.path.join(cfg.output_dir, "metrics.jsonl")) and not cfg.overwrite_output_dir:
+        raise ConfigError(f"output_dir: {cfg.output_dir} already holds a run (metrics.jsonl); "
+                          "choose another --output_dir or pass --overwrite_output_dir")
+    dist.barrier()  # every rank has checked before rank 0 writes anything
+    if rank == 0:
+        import yaml
+
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        if cfg.overwrite_output_dir:
+            open(os.path.join(cfg.output_dir, "metrics.jsonl"), "w").close()
+        with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
+            yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
+
+    # ---- data
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.pretrain)
+    records = data.read_jsonl(cfg.data.file_name)
+    items, skipped = data.encode_prompts(records, tokenizer, cfg.prompt_length)
+    if skipped:
+        banner(f"data: skipped {skipped}/{len(records)} prompts longer than prompt_length={cfg.prompt_length}")
+    batches = data.PromptBatches(items, cfg.rollout_batch_size, seed=cfg.seed,
+                                 dp_rank=rank // tp, dp_size=world // tp)
+
+    # ---- models: student (FSDP2), teacher (FSDP2, forward only), vLLM engine
+    torch.manual_seed(cfg.seed)
+    teachers_lib.check_vocab(cfg.pretrain, cfg.teacher.model_name_or_path, "default")
+    student, opt, sched = build_student(cfg, device)
+    tc = cfg.teacher
+    teachers = [teachers_lib.load_teacher(
+        "default", tc.model_name_or_path, device=device, dtype=DTYPES[tc.dtype],
+        attn_implementation=cfg.student_train.attn_implementation, coef=tc.opd_kl_coef,
+        tag_included=tc.tag_included, micro_batch_size=tc.micro_batch_size)]
+    si = cfg.student_infer
+    llm = rollout.make_engine(
+        cfg.pretrain, dtype=si.dtype, tensor_parallel_size=tp, seed=cfg.seed,
+        max_model_len=cfg.prompt_length + cfg.response_length,
+        gpu_memory_utilization=si.gpu_memory_utilization, enforce_eager=si.enforce_eager,
+        kv_cache_gib=si.kv_cache_gib, enable_sleep_mode=si.sleep and device != "cpu")
+    logger = Logger(cfg.output_dir, rank == 0)
+    banner(f"opd: {world} rank(s) on {device}, {len(items)} prompts, output in {cfg.output_dir}")
+
+    for step in range(1, cfg.max_steps + 1):
+        t_step = time.perf_counter()
+
+        # ---- 1. rollout: sample G answers per prompt on the local engine
+        t0 = time.perf_counter()
+        prompts = batches.next()
+        batch = rollout.generate(
+            llm, [ids for ids, _ in prompts], [rec.get("tag", "") for _, rec in prompts],
+            n=cfg.num_return_sequences_in_group, max_tokens=cfg.response_length,
+            temperature=si.temperature, top_p=si.top_p, top_k=si.top_k,
+            pad_id=tokenizer.pad_token_id or 0)
+        if tp > 1:  # TP peers sampled the same groups: each keeps whole groups of its own
+            batch = batch.select([i for i, g in enumerate(batch.group.tolist()) if g % tp == rank % tp])
+        if si.sleep:
+            rollout.sleep(llm)
+        batch = batch.to(device)
+        t_rollout = time.perf_counter() - t0
+
+        # ---- 2. teacher scoring of every sampled token
+        t0 = time.perf_counter()
+        teacher_logps, routed = teachers_lib.score(teachers, batch)
+        t_teacher = time.perf_counter() - t0
+
+        # ---- 3. advantage, loss, FSDP2 backward and optimizer step
+        t0 = time.perf_counter()
+        sums, grad_norm = train_step(cfg, student, opt, sched, batch, teacher_logps, routed, teachers)
+        t_train = time.perf_counter() - t0
+
+        # ---- 4. weight sync into the local vLLM engine
+        t0 = time.perf_counter()
+        if si.sleep:
+            rollout.wake_up(llm)
+        rollout.sync_weights(llm, student, DTYPES[si.dtype])
+        t_sync = time.perf_counter() - t0
+
+        # ---- 5. log and checkpoint
+        sums.update(seqs=len(batch), all_tokens=batch.attention_mask.sum().item())
+        g = reduce_sums(sums, device)
+        step_s = time.perf_counter() - t_step
+        rss = torch.tensor(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, device=device)
+        dist.all_reduce(rss, op=dist.ReduceOp.MAX)
+        metrics = {
+            "train/reverse_kl": g["kl"] / g["tokens"],
+            "train/loss": g["loss"],
+            "train/grad_norm": grad_norm,
+            "train/is_ratio_mean": g["ratio"] / g["tokens"],
+            "train/clip_frac": g["clip"] / g["tokens"],
+            "train/response_len": g["tokens"] / g["seqs"],
+            "train/lr": sched.get_last_lr()[0],
+            **{f"teacher/{t.name}/reverse_kl": g[f"kl/{t.name}"] / max(g[f"tokens/{t.name}"], 1)
+               for t in teachers},
+            "timing/rollout_s": t_rollout, "timing/teacher_s": t_teacher,
+            "timing/train_s": t_train, "timing/sync_s": t_sync, "timing/step_s": step_s,
+            "throughput/tokens_per_s": g["all_tokens"] / step_s,
+            "memory/peak_rss_gib": rss.item(),
+        }
+        logger.log(step, metrics)
+        banner(f"step {step:4d}/{cfg.max_steps} | kl {metrics['train/reverse_kl']:7.4f} | "
+               f"loss {metrics['train/loss']:8.4f} | gnorm {grad_norm:7.3f} | "
+               f"len {metrics['train/response_len']:5.1f} | rollout {t_rollout:5.2f}s teacher "
+               f"{t_teacher:5.2f}s train {t_train:5.2f}s sync {t_sync:5.2f}s | "
+               f"{metrics['throughput/tokens_per_s']:7.0f} tok/s")
+        if step == cfg.max_steps or (cfg.save_steps and step % cfg.save_steps == 0):
+            path = os.path.join(cfg.output_dir, "checkpoints", f"step_{step}")
+            save_checkpoint(student, tokenizer, path)
+            banner(f"saved {path}")
+
+    logger.close()
+    del llm  # vLLM's shutdown tears down the default process group itself
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def prepare_toy_world(cfg):
+    """Build the toy world once if the config points into it and it is missing."""
+    paths = [cfg.pretrain, cfg.teacher.model_name_or_path, *cfg.data.file_name]
+    if any(p.startswith(toy.TOY_DIR) and not os.path.exists(p) for p in paths):
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            toy.prepare()
+        else:  # the other local ranks wait for rank 0's build (marker written last)
+            while not os.path.exists(os.path.join(toy.TOY_DIR, "DONE")):
+                time.sleep(1)
+
+
+if __name__ == "__main__":
+    try:
+        cfg = parse_config(sys.argv[1:])
+        prepare_toy_world(cfg)
+        main(cfg)
+    except (ConfigError, data.DataError, teachers_lib.TeacherError) as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"opd: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,209 @@
+"""Rollouts: the colocated vLLM engine on every rank, sampling, and weight sync.
+
+Owns
+  * `make_engine`   one in-process vLLM engine per training rank (colocated). With
+                    tensor_parallel_size=1 every rank is its own data-parallel replica;
+                    with TP > 1 the ranks of a TP group run one engine together through
+                    vLLM's `external_launcher` (torchrun SPMD) and see the same prompts.
+  * `generate`      prompts (token ids) -> a padded `Rollout` batch: token ids, the
+                    sampler's logprob of every sampled token (`rollout_logp`, the
+                    behaviour policy mu) and the response mask.
+  * `sync_weights`  streams the FSDP2 student's full tensors into the local engine, one
+                    parameter at a time (never the whole state dict at once).
+  * `sleep` / `wake_up`  free the engine's memory during training where the platform
+                    can (GPU); a no-op on CPU, where vLLM has no sleep mode.
+
+Knows nothing about teachers or losses. Simplified: single-turn rollouts only; vLLM must
+run in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0): tensors cannot be pickled to an engine
+process and external_launcher requires it anyway.
+"""
+
+import os
+from dataclasses import dataclass
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+
+def _bind_cpu_threads():
+    """Give each local rank its own slice of cores for vLLM's OpenMP threads (CPU only).
+
+    Without this, two engines on one machine both pin to the same cores and starve."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if torch.cuda.is_available() or local_world <= 1 or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        return
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    per = max(1, (os.cpu_count() or 1) // local_world)
+    first = (local_rank * per) % (os.cpu_count() or 1)
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = f"{first}-{first + per - 1}"
+
+
+@dataclass
+class Rollout:
+    """One rank's batch of sampled sequences, left-padded prompts + right-padded responses.
+
+    input_ids[:, :P] is the prompt (left padded), input_ids[:, P:] the response (right
+    padded). Every per-token tensor of the loss is [B, R] and lines up with the response.
+    """
+
+    input_ids: torch.Tensor     # [B, P+R] long
+    attention_mask: torch.Tensor  # [B, P+R] long
+    response_mask: torch.Tensor  # [B, R] float, 1 on sampled tokens
+    rollout_logp: torch.Tensor   # [B, R] float, the sampler's logprob of each token
+    prompt_len: int              # P
+    group: torch.Tensor          # [B] long, index of the prompt the sample answers
+    tags: list                   # [B] the sample's tag (routing key)
+
+    @property
+    def position_ids(self):
+        return (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+    def __len__(self):
+        return self.input_ids.shape[0]
+
+    def to(self, device):
+        t = lambda x: x.to(device)
+        return Rollout(t(self.input_ids), t(self.attention_mask), t(self.response_mask),
+                       t(self.rollout_logp), self.prompt_len, t(self.group), self.tags)
+
+    def select(self, idx):
+        """Rows `idx` (a list or tensor of indices) as a new Rollout."""
+        idx = torch.as_tensor(idx, dtype=torch.long, device=self.input_ids.device)
+        return Rollout(self.input_ids[idx], self.attention_mask[idx], self.response_mask[idx],
+                       self.rollout_logp[idx], self.prompt_len, self.group[idx],
+                       [self.tags[i] for i in idx.tolist()])
+
+
+def make_engine(model_path, *, dtype, tensor_parallel_size=1, max_model_len=None, seed=0,
+                gpu_memory_utilization=0.5, enforce_eager=True, kv_cache_gib=1,
+                enable_sleep_mode=False):
+    """Build this rank's vLLM engine. Call on every rank, after torch.distributed is up."""
+    _bind_cpu_threads()
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+    from vllm import LLM
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    kwargs = {}
+    if tensor_parallel_size > 1:
+        # SPMD under torchrun: every rank of a TP group holds one shard and must be fed
+        # the same prompts; vLLM forms world // TP data-parallel replicas.
+        kwargs.update(distributed_executor_backend="external_launcher",
+                      data_parallel_size=world // tensor_parallel_size)
+    return LLM(
+        model=model_path,
+        dtype=dtype,  # explicit: vLLM-CPU would run an fp32 checkpoint in bf16 otherwise
+        tensor_parallel_size=tensor_parallel_size,
+        max_model_len=max_model_len,
+        # TP ranks must sample identically; DP replicas must not sample identically.
+        seed=seed + rank // tensor_parallel_size,
+        gpu_memory_utilization=gpu_memory_utilization,
+        enforce_eager=enforce_eager,
+        enable_sleep_mode=enable_sleep_mode,
+        # logprobs after temperature scaling, i.e. of the distribution actually sampled
+        logprobs_mode="processed_logprobs",
+        **kwargs,
+    )
+
+
+def generate(llm, prompts, tags, *, n, max_tokens, temperature=1.0, top_p=1.0, top_k=-1,
+             pad_id=0):
+    """Sample `n` responses to every prompt (a list of token-id lists) on the local engine.
+
+    Returns a Rollout with len(prompts) * n rows; the n samples of a prompt are adjacent
+    and share `group`."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                            top_k=top_k, logprobs=0)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params,
+                        use_tqdm=False)
+    prompt_rows, resp_rows, logp_rows, group, sample_tags = [], [], [], [], []
+    for i, (out, tag) in enumerate(zip(outs, tags)):
+        for o in out.outputs:
+            ids = list(o.token_ids)
+            # logprobs=0 returns the sampled token's own logprob (plus nothing else)
+            lp = [step[tok].logprob for step, tok in zip(o.logprobs, ids)]
+            prompt_rows.append(torch.tensor(prompts[i], dtype=torch.long))
+            resp_rows.append(torch.tensor(ids, dtype=torch.long))
+            logp_rows.append(torch.tensor(lp, dtype=torch.float32))
+            group.append(i)
+            sample_tags.append(tag)
+    return collate(prompt_rows, resp_rows, logp_rows, torch.tensor(group), sample_tags, pad_id)
+
+
+def collate(prompt_rows, resp_rows, logp_rows, group, tags, pad_id):
+    """Pad prompts on the left and responses on the right into one Rollout."""
+    flip = [p.flip(0) for p in prompt_rows]
+    prompt = pad_sequence(flip, batch_first=True, padding_value=pad_id).flip(1)
+    prompt_mask = pad_sequence([torch.ones_like(p) for p in flip], batch_first=True).flip(1)
+    resp = pad_sequence(resp_rows, batch_first=True, padding_value=pad_id)
+    resp_mask = pad_sequence([torch.ones_like(r) for r in resp_rows], batch_first=True)
+    logp = pad_sequence(logp_rows, batch_first=True, padding_value=0.0)
+    return Rollout(
+        input_ids=torch.cat([prompt, resp], 1),
+        attention_mask=torch.cat([prompt_mask, resp_mask], 1),
+        response_mask=resp_mask.float(),
+        rollout_logp=logp,
+        prompt_len=prompt.shape[1],
+        group=group,
+        tags=list(tags),
+    )
+
+
+def sync_weights(llm, model, dtype=None):
+    """Load the trainer's current weights into the local engine.
+
+    `model` is the FSDP2-sharded student: each parameter is all-gathered on its own
+    (`full_tensor`) right before vLLM consumes it, so peak extra memory is one parameter.
+    Every rank of the student's mesh must call this (the gathers are collectives); vLLM
+    consumes the iterator in order, so the ranks stay in step.
+    Checked against vLLM 0.32.0: `reload_weights` re-runs the checkpoint loader over the
+    stream (calling model.load_weights directly fails on CPU, which repacks weights)."""
+
+    def stream():
+        for name, param in model.named_parameters():
+            full = param.full_tensor() if hasattr(param, "full_tensor") else param
+            yield name, full.detach().to(dtype) if dtype is not None else full.detach()
+
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream()})
+    # Cached prefixes were computed with the old weights.
+    llm.reset_prefix_cache()
+
+
+def _can_sleep():
+    from vllm.platforms import current_platform
+
+    return not current_platform.is_cpu()
+
+
+def sleep(llm):
+    """Free the engine's weights and KV cache during training (GPU only; CPU is a no-op).
+
+    Level 1 offloads weights to host memory; level 2 would drop them and make the next
+    sync the only source of weights, which is fine but unforgiving. Checked on vLLM 0.32."""
+    if _can_sleep():
+        llm.sleep(level=1)
+
+
+def wake_up(llm):
+    if _can_sleep():
+        llm.wake_up()
+
+
+def response_logp(model, batch, temperature=1.0):
+    """Log-probability under `model` of every response token of `batch`: [B, R].
+
+    The same function scores the student (with grad, at the sampling temperature) and the
+    teachers (under no_grad, temperature 1), so both read the very token ids vLLM sampled.
+    Only the last R+1 positions go through the LM head: prompts can be long."""
+    R = batch.response_mask.shape[1]
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                   position_ids=batch.position_ids, logits_to_keep=R + 1).logits
+    logits = logits[:, :-1].float() / temperature
+    targets = batch.input_ids[:, batch.prompt_len:]
+    # logsumexp + gather instead of a full log_softmax: one [B, R, V] buffer fewer
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)

@@ -1,0 +1,15 @@
+"""After a weight sync, vLLM samples from exactly the trainer's policy (fp32, 2 ranks)."""
+
+import json
+
+from conftest import TORCHRUN, run_cmd
+
+
+def test_sampler_logprobs_follow_weight_sync(tiny, tmp_path):
+    out = tmp_path / "diffs.json"
+    r = run_cmd([TORCHRUN, "--nproc_per_node=2", "tests/sync_worker.py", tiny["student"], str(out)])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    d = json.loads(out.read_text())
+    assert d["start"] < 1e-4, d        # same weights: vLLM and the trainer agree
+    assert d["before"] > 1e-2, d       # the step changed the policy; the engine is stale
+    assert d["after"] < 1e-4, d        # synced: the sampler follows the trainer again
