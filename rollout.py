@@ -18,12 +18,14 @@ run in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0): tensors cannot be pickled to 
 process and external_launcher requires it anyway.
 """
 
+import math
 import os
 from dataclasses import dataclass
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 import torch
+import torch.distributed as dist
 from torch.nn.utils.rnn import pad_sequence
 
 
@@ -154,24 +156,69 @@ def collate(prompt_rows, resp_rows, logp_rows, group, tags, pad_id):
     )
 
 
-def sync_weights(llm, model, dtype=None):
+def sync_weights(llm, model, dtype=None, bucket_mb=256):
     """Load the trainer's current weights into the local engine.
 
-    `model` is the FSDP2-sharded student: each parameter is all-gathered on its own
-    (`full_tensor`) right before vLLM consumes it, so peak extra memory is one parameter.
-    Every rank of the student's mesh must call this (the gathers are collectives); vLLM
-    consumes the iterator in order, so the ranks stay in step.
+    `model` is the FSDP2-sharded student. Its parameters are all-gathered in buckets of
+    about `bucket_mb` (one collective per bucket, not one per parameter: on gloo each
+    collective costs ~1 ms) and handed to vLLM as a stream, so peak extra memory is one
+    bucket, never the whole state dict. Every rank of the student's mesh must call this.
     Checked against vLLM 0.32.0: `reload_weights` re-runs the checkpoint loader over the
     stream (calling model.load_weights directly fails on CPU, which repacks weights)."""
 
     def stream():
-        for name, param in model.named_parameters():
-            full = param.full_tensor() if hasattr(param, "full_tensor") else param
-            yield name, full.detach().to(dtype) if dtype is not None else full.detach()
+        for name, full in gathered_params(model, bucket_mb * 2**20):
+            yield name, full.to(dtype) if dtype is not None else full
 
     llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream()})
     # Cached prefixes were computed with the old weights.
     llm.reset_prefix_cache()
+
+
+def gathered_params(model, bucket_bytes):
+    """Yield (name, full tensor) for every parameter, gathering FSDP2 shards in buckets.
+
+    FSDP2 shards dim 0 like torch.chunk: rank r holds rows [r*c, (r+1)*c) with
+    c = ceil(rows / world), the last ranks fewer or none. Padding every local chunk to c
+    rows makes all ranks' buckets the same size, so one all_gather_into_tensor moves it."""
+    bucket, size = [], 0
+    for name, p in model.named_parameters():
+        bucket.append((name, p.detach()))
+        size += p.numel() * p.element_size()
+        if size >= bucket_bytes:
+            yield from _gather_bucket(bucket)
+            bucket, size = [], 0
+    if bucket:
+        yield from _gather_bucket(bucket)
+
+
+def _gather_bucket(bucket):
+    # Plain tensors need no gather: a model without FSDP, or FSDP2's root parameters
+    # while they are unsharded (the root keeps them gathered after a forward).
+    yield from ((n, p) for n, p in bucket if not hasattr(p, "device_mesh"))
+    bucket = [(n, p) for n, p in bucket if hasattr(p, "device_mesh")]
+    if not bucket:
+        return
+    group = bucket[0][1].device_mesh.get_group()
+    world = dist.get_world_size(group)
+    chunks, flat = [], []
+    for name, p in bucket:
+        rows = -(-p.shape[0] // world)
+        local = p.to_local()
+        pad = torch.zeros((rows - local.shape[0], *local.shape[1:]), dtype=local.dtype,
+                          device=local.device)
+        flat.append(torch.cat([local, pad]).reshape(-1))
+        chunks.append((name, p.shape, rows))
+    flat = torch.cat(flat)
+    out = torch.empty(world * flat.numel(), dtype=flat.dtype, device=flat.device)
+    dist.all_gather_into_tensor(out, flat, group=group)
+    per_rank = out.view(world, -1)
+    offset = 0
+    for name, shape, rows in chunks:
+        n = rows * math.prod(shape[1:])
+        parts = per_rank[:, offset:offset + n].reshape(world * rows, *shape[1:])
+        offset += n
+        yield name, parts[:shape[0]]
 
 
 def _can_sleep():
