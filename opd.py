@@ -225,8 +225,13 @@ def check_config(cfg, world):
         if dt not in DTYPES:
             raise ConfigError(f"{where}: {dt!r} is not one of {', '.join(DTYPES)}")
     for where, path in (("pretrain", cfg.pretrain), ("teacher.model_name_or_path", cfg.teacher.model_name_or_path)):
+        if path.startswith(toy.TOY_DIR):
+            continue  # the toy world is built on first use
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise ConfigError(f"{where}: {path!r} is not a model directory (no config.json there)")
+
+
+def check_lengths(cfg):
     from transformers import AutoConfig
 
     n_pos = AutoConfig.from_pretrained(cfg.pretrain).max_position_embeddings
@@ -403,7 +408,7 @@ def banner(msg):
 def main(cfg):
     rank, world, device = init_distributed(cfg.device)
     tp = cfg.student_infer.tensor_parallel_size
-    check_config(cfg, world)
+    check_lengths(cfg)
 
     # ---- output dir: one name for all ranks, never clobbering an earlier run
     stamp = [datetime.datetime.now().strftime("%Y%m%d-%H%M%S")]
@@ -538,6 +543,7 @@ def prepare_toy_world(cfg):
 if __name__ == "__main__":
     try:
         cfg = parse_config(sys.argv[1:])
+        check_config(cfg, world=int(os.environ.get("WORLD_SIZE", "1")))
         prepare_toy_world(cfg)
         main(cfg)
     except (ConfigError, data.DataError, teachers_lib.TeacherError) as e:

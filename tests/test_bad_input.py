@@ -1,0 +1,111 @@
+"""Bad input stops the run at start-up with one clear line, never a deep stack trace."""
+
+import json
+
+import pytest
+
+import data
+from conftest import PY, run_cmd
+
+
+def opd_error(tiny, *flags, yaml_text=None, tmp_path=None):
+    args = [PY, "opd.py", "--pretrain", tiny["student"], "--teacher.model_name_or_path",
+            tiny["teacher"], "--data.file_name", tiny["train"], "--output_dir",
+            str(tmp_path / "run"), "--max_steps", "1"]
+    if yaml_text is not None:
+        cfg = tmp_path / "bad.yaml"
+        cfg.write_text(yaml_text)
+        args = [PY, "opd.py", "--config", str(cfg), *args[2:]]
+    r = run_cmd(args + list(flags), timeout=300)
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    return r.stderr
+
+
+def test_misspelled_yaml_key_is_named_with_a_suggestion(tiny, tmp_path):
+    err = opd_error(tiny, yaml_text="max_step: 3\n", tmp_path=tmp_path)
+    assert "unknown key 'max_step'" in err and "did you mean 'max_steps'" in err
+    assert "bad.yaml" in err
+
+
+def test_unknown_nested_key_and_wrong_type(tiny, tmp_path):
+    err = opd_error(tiny, yaml_text="student_train:\n  lrr: 0.1\n", tmp_path=tmp_path)
+    assert "student_train: unknown key 'lrr'" in err and "'lr'" in err
+    err = opd_error(tiny, yaml_text="rollout_batch_size: lots\n", tmp_path=tmp_path)
+    assert "rollout_batch_size: expected int, got 'lots'" in err
+
+
+def test_unknown_flag_is_rejected(tiny, tmp_path):
+    err = opd_error(tiny, "--max_stepz", "3", tmp_path=tmp_path)
+    assert "max_stepz" in err
+
+
+def test_missing_model_path(tiny, tmp_path):
+    err = opd_error(tiny, "--pretrain", str(tmp_path / "nope"), tmp_path=tmp_path)
+    assert "pretrain:" in err and "nope" in err and "not a model directory" in err
+
+
+def test_unreadable_and_malformed_data(tiny, tmp_path):
+    err = opd_error(tiny, "--data.file_name", str(tmp_path / "missing.jsonl"), tmp_path=tmp_path)
+    assert "cannot read" in err and "missing.jsonl" in err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok", "tag": "a"}\n{"prompt": "broken\n')
+    err = opd_error(tiny, "--data.file_name", str(bad), tmp_path=tmp_path)
+    assert f"{bad}:2: not valid JSON" in err
+
+
+def test_all_prompts_too_long(tiny, tmp_path):
+    err = opd_error(tiny, "--prompt_length", "3", tmp_path=tmp_path)
+    assert "rollout_batch_size=16 but only 0 usable prompts" in err
+
+
+def test_output_dir_of_an_earlier_run_is_not_overwritten(tiny, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1}\n')
+    err = opd_error(tiny, tmp_path=tmp_path)
+    assert "already holds a run" in err
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
+# ---- data.py on its own
+
+
+def write(tmp_path, lines):
+    p = tmp_path / "d.jsonl"
+    p.write_text("\n".join(lines) + "\n")
+    return str(p)
+
+
+def test_messages_win_over_prompt_and_may_be_a_json_string(tmp_path):
+    msgs = [{"role": "user", "content": "from messages"}]
+    path = write(tmp_path, [json.dumps({"prompt": "from prompt", "messages": json.dumps(msgs), "tag": "x"}),
+                            json.dumps({"prompt": "only prompt", "tag": "y"})])
+    recs = data.read_jsonl([path])
+    assert recs[0]["messages"] == msgs
+    assert recs[1]["messages"] == [{"role": "user", "content": "only prompt"}]
+
+
+def test_record_without_prompt_names_file_and_line(tmp_path):
+    path = write(tmp_path, [json.dumps({"prompt": "a"}), json.dumps({"tag": "x", "id": 3})])
+    with pytest.raises(data.DataError, match=r"d.jsonl:2: record has neither 'prompt' nor 'messages'"):
+        data.read_jsonl([path])
+
+
+def test_over_long_prompts_are_skipped_and_counted(tiny, tmp_path):
+    tok = tiny["tokenizer"]
+    path = write(tmp_path, [json.dumps({"prompt": "1+1", "tag": "a"}),
+                            json.dumps({"prompt": "12345 + 67890 = ? " * 20, "tag": "a"})])
+    kept, skipped = data.encode_prompts(data.read_jsonl([path]), tok, prompt_length=24)
+    assert skipped == 1 and len(kept) == 1 and len(kept[0][0]) <= 24
+    assert tok.decode(kept[0][0]).endswith("assistant\n")  # rendered with the chat template
+
+
+def test_batches_are_disjoint_per_rank_and_cover_the_epoch():
+    items = [([i], {"id": i}) for i in range(12)]
+    ranks = [data.PromptBatches(items, 4, seed=0, dp_rank=r, dp_size=2) for r in range(2)]
+    seen = []
+    for _ in range(3):
+        a, b = (rk.next() for rk in ranks)
+        assert len(a) == len(b) == 2 and not {x[1]["id"] for x in a} & {x[1]["id"] for x in b}
+        seen += [x[1]["id"] for x in a + b]
+    assert sorted(seen) == list(range(12))  # one epoch = every prompt once
