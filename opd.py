@@ -227,7 +227,8 @@ def check_config(cfg, world):
     for where, path in (("pretrain", cfg.pretrain), ("teacher.model_name_or_path", cfg.teacher.model_name_or_path)):
         if path.startswith(toy.TOY_DIR):
             continue  # the toy world is built on first use
-        if not os.path.isfile(os.path.join(path, "config.json")):
+        hub_id = not os.path.exists(path) and path.count("/") == 1 and not path.startswith(("/", "."))
+        if not hub_id and not os.path.isfile(os.path.join(path, "config.json")):
             raise ConfigError(f"{where}: {path!r} is not a model directory (no config.json there)")
 
 
