@@ -439,21 +439,22 @@ def main(cfg):
     batches = data.PromptBatches(items, cfg.rollout_batch_size, seed=cfg.seed,
                                  dp_rank=rank // tp, dp_size=world // tp)
 
-    # ---- models: student (FSDP2), teacher (FSDP2, forward only), vLLM engine
+    # ---- models: vLLM engine first (on GPU its memory check wants an empty device),
+    # then the student (FSDP2, trained) and the teacher (FSDP2, forward only)
     torch.manual_seed(cfg.seed)
     teachers_lib.check_vocab(cfg.pretrain, cfg.teacher.model_name_or_path, "default")
-    student, opt, sched = build_student(cfg, device)
-    tc = cfg.teacher
-    teachers = [teachers_lib.load_teacher(
-        "default", tc.model_name_or_path, device=device, dtype=DTYPES[tc.dtype],
-        attn_implementation=cfg.student_train.attn_implementation, coef=tc.opd_kl_coef,
-        tag_included=tc.tag_included, micro_batch_size=tc.micro_batch_size)]
     si = cfg.student_infer
     llm = rollout.make_engine(
         cfg.pretrain, dtype=si.dtype, tensor_parallel_size=tp, seed=cfg.seed,
         max_model_len=cfg.prompt_length + cfg.response_length,
         gpu_memory_utilization=si.gpu_memory_utilization, enforce_eager=si.enforce_eager,
         kv_cache_gib=si.kv_cache_gib, enable_sleep_mode=si.sleep and device != "cpu")
+    student, opt, sched = build_student(cfg, device)
+    tc = cfg.teacher
+    teachers = [teachers_lib.load_teacher(
+        "default", tc.model_name_or_path, device=device, dtype=DTYPES[tc.dtype],
+        attn_implementation=cfg.student_train.attn_implementation, coef=tc.opd_kl_coef,
+        tag_included=tc.tag_included, micro_batch_size=tc.micro_batch_size)]
     logger = Logger(cfg.output_dir, rank == 0)
     banner(f"opd: {world} rank(s) on {device}, {len(items)} prompts, output in {cfg.output_dir}")
 

@@ -109,3 +109,12 @@ def test_batches_are_disjoint_per_rank_and_cover_the_epoch():
         assert len(a) == len(b) == 2 and not {x[1]["id"] for x in a} & {x[1]["id"] for x in b}
         seen += [x[1]["id"] for x in a + b]
     assert sorted(seen) == list(range(12))  # one epoch = every prompt once
+
+
+def test_teacher_with_another_vocabulary_is_refused(tiny, tmp_path):
+    import toy
+
+    other = toy.build_tokenizer(["completely different words here"] * 50, vocab_size=290)
+    toy.save_pretrained(toy.build_model(other, seed=3), other, str(tmp_path / "alien"))
+    err = opd_error(tiny, "--teacher.model_name_or_path", str(tmp_path / "alien"), tmp_path=tmp_path)
+    assert "teacher 'default'" in err and "different vocabulary" in err
