@@ -53,7 +53,7 @@ class StudentTrain:
     """Linear learning-rate warm-up over this many steps (then constant)."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this value (0 = no clipping)."""
-    micro_batch_size: int = 8
+    micro_batch_size: int = 32
     """Sequences per forward/backward on one rank; gradients accumulate over a step."""
     dtype: str = "float32"
     """Compute dtype of forward/backward (float32 | bfloat16). Master weights stay fp32."""
@@ -101,7 +101,7 @@ class TeacherConfig:
     """Tags of the samples this teacher scores; empty = all tags."""
     dtype: str = "float32"
     """Teacher compute dtype (float32 | bfloat16)."""
-    micro_batch_size: int = 8
+    micro_batch_size: int = 32
     """Sequences per teacher forward on one rank."""
 
 
@@ -121,7 +121,7 @@ class Config:
     data: Data = field(default_factory=Data)
     student_train: StudentTrain = field(default_factory=StudentTrain)
     student_infer: StudentInfer = field(default_factory=StudentInfer)
-    rollout_batch_size: int = 16
+    rollout_batch_size: int = 64
     """Prompts per step, global (split over data-parallel ranks)."""
     num_return_sequences_in_group: int = 4
     """Samples per prompt."""
@@ -131,7 +131,7 @@ class Config:
     """Most tokens sampled per response."""
     kl_estimator: Literal["k1", "k2", "k3", "abs"] = "k1"
     """Per-token reverse-KL estimator that becomes the (negative) advantage."""
-    max_steps: int = 20
+    max_steps: int = 200
     """Training steps (one rollout batch and one optimizer step each)."""
     save_steps: int = 0
     """Save a checkpoint every N steps (0 = only at the end; always at the end)."""
@@ -325,9 +325,13 @@ def train_step(cfg, student, opt, sched, batch, teacher_logps, routed, teachers)
     denom = agg_denom(batch.response_mask, st.loss_agg_mode).float()
     dist.all_reduce(denom)
     coefs = {t.name: t.coef for t in teachers}
-    sums = {"loss": 0.0, "tokens": 0.0, "kl": 0.0, "ratio": 0.0, "clip": 0.0}
-    for t in teachers:
-        sums[f"kl/{t.name}"] = sums[f"tokens/{t.name}"] = 0.0
+    # metrics as sums over tokens, kept on the device (no host sync per micro-batch), so
+    # micro-batches and ranks combine exactly in one all-reduce at the end of the step
+    sums = {}
+
+    def add(key, value):
+        sums[key] = sums.get(key, 0.0) + value.detach().double()
+
     for start in range(0, len(batch), st.micro_batch_size):
         idx = list(range(start, min(start + st.micro_batch_size, len(batch))))
         mb = batch.select(idx)
@@ -339,30 +343,29 @@ def train_step(cfg, student, opt, sched, batch, teacher_logps, routed, teachers)
         loss, m = policy_loss(logp, mb.rollout_logp, adv, mask, clip=st.clip, level=st.is_level,
                               agg=st.loss_agg_mode, denom=denom / world)
         loss.backward()
-        # metrics, as sums over tokens so ranks and micro-batches combine exactly
-        n_tok = mask.sum().item()
-        kl_total = -opd_advantages(logp.detach(), mb_tl, coefs, mb_routed, mask, kind="k1")
-        sums["loss"] += loss.item() / world
-        sums["tokens"] += n_tok
-        sums["kl"] += kl_total.sum().item()
-        sums["ratio"] += m["is_ratio_mean"].item() * n_tok
-        sums["clip"] += m["clip_frac"].item() * n_tok
+        n_tok = mask.sum()
+        add("loss", loss / world)
+        add("tokens", n_tok)
+        add("kl", -opd_advantages(logp.detach(), mb_tl, coefs, mb_routed, mask, kind="k1").sum())
+        add("ratio", m["is_ratio_mean"] * n_tok)
+        add("clip", m["clip_frac"] * n_tok)
         for t in teachers:
             tmask = mask * mb_routed[t.name][:, None]
-            sums[f"kl/{t.name}"] += ((logp.detach() - mb_tl[t.name]) * tmask).sum().item()
-            sums[f"tokens/{t.name}"] += tmask.sum().item()
+            add(f"kl/{t.name}", ((logp.detach() - mb_tl[t.name]) * tmask).sum())
+            add(f"tokens/{t.name}", tmask.sum())
     grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), st.max_grad_norm or float("inf"))
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
-    return sums, grad_norm.item()
+    add("grad_norm", grad_norm / world)  # the same on every rank: the sum over ranks / world
+    return sums
 
 
 def reduce_sums(sums, device):
-    """Sum a dict of floats over all ranks (one all-reduce)."""
+    """Sum a dict of scalars (tensors or numbers) over all ranks: one all-reduce."""
     keys = sorted(sums)
-    vec = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64, device=device)
+    vec = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=device) for k in keys])
     dist.all_reduce(vec)
     return dict(zip(keys, vec.tolist()))
 
@@ -483,7 +486,7 @@ def main(cfg):
 
         # ---- 3. advantage, loss, FSDP2 backward and optimizer step
         t0 = time.perf_counter()
-        sums, grad_norm = train_step(cfg, student, opt, sched, batch, teacher_logps, routed, teachers)
+        sums = train_step(cfg, student, opt, sched, batch, teacher_logps, routed, teachers)
         t_train = time.perf_counter() - t0
 
         # ---- 4. weight sync into the local vLLM engine
@@ -494,7 +497,7 @@ def main(cfg):
         t_sync = time.perf_counter() - t0
 
         # ---- 5. log and checkpoint
-        sums.update(seqs=len(batch), all_tokens=batch.attention_mask.sum().item())
+        sums.update(seqs=len(batch), all_tokens=batch.attention_mask.sum())
         g = reduce_sums(sums, device)
         step_s = time.perf_counter() - t_step
         rss = torch.tensor(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, device=device)
@@ -502,7 +505,7 @@ def main(cfg):
         metrics = {
             "train/reverse_kl": g["kl"] / g["tokens"],
             "train/loss": g["loss"],
-            "train/grad_norm": grad_norm,
+            "train/grad_norm": g["grad_norm"],
             "train/is_ratio_mean": g["ratio"] / g["tokens"],
             "train/clip_frac": g["clip"] / g["tokens"],
             "train/response_len": g["tokens"] / g["seqs"],
@@ -516,7 +519,7 @@ def main(cfg):
         }
         logger.log(step, metrics)
         banner(f"step {step:4d}/{cfg.max_steps} | kl {metrics['train/reverse_kl']:7.4f} | "
-               f"loss {metrics['train/loss']:8.4f} | gnorm {grad_norm:7.3f} | "
+               f"loss {metrics['train/loss']:8.4f} | gnorm {metrics['train/grad_norm']:7.3f} | "
                f"len {metrics['train/response_len']:5.1f} | rollout {t_rollout:5.2f}s teacher "
                f"{t_teacher:5.2f}s train {t_train:5.2f}s sync {t_sync:5.2f}s | "
                f"{metrics['throughput/tokens_per_s']:7.0f} tok/s")

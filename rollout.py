@@ -23,6 +23,7 @@ import os
 from dataclasses import dataclass
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep the console to our step lines
 
 import torch
 import torch.distributed as dist

@@ -56,7 +56,7 @@ def test_unreadable_and_malformed_data(tiny, tmp_path):
 
 def test_all_prompts_too_long(tiny, tmp_path):
     err = opd_error(tiny, "--prompt_length", "3", tmp_path=tmp_path)
-    assert "rollout_batch_size=16 but only 0 usable prompts" in err
+    assert "rollout_batch_size=64 but only 0 usable prompts" in err
 
 
 def test_output_dir_of_an_earlier_run_is_not_overwritten(tiny, tmp_path):
