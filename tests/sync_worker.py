@@ -3,7 +3,8 @@
 Builds the real FSDP2 student and the real vLLM engine (opd.build_student,
 rollout.make_engine), takes one big optimizer step, and compares the sampler's logprobs
 with the trainer's recompute of the same tokens, before and after rollout.sync_weights.
-Writes {"before": max|diff|, "after": max|diff|} to argv[2] (rank 0)."""
+argv: model dir, output json, vLLM tensor_parallel_size. Writes {"start", "before",
+"after": max |diff|} (rank 0)."""
 
 import json
 import os
@@ -27,13 +28,15 @@ def max_diff(llm, student, prompts):
 
 
 if __name__ == "__main__":
-    path, out = sys.argv[1], sys.argv[2]
+    path, out, tp = sys.argv[1], sys.argv[2], int(sys.argv[3])
     cfg = opd.Config(pretrain=path)
     cfg.student_train.lr = 0.05
     _, _, device = opd.init_distributed("cpu")
     student, opt, _ = opd.build_student(cfg, device)
-    llm = rollout.make_engine(path, dtype="float32", max_model_len=64, seed=0)
-    prompts = [[5, 6, 7 + dist.get_rank()], [9, 10, 11, 12]]
+    llm = rollout.make_engine(path, dtype="float32", max_model_len=64, seed=0,
+                              tensor_parallel_size=tp)
+    # TP peers must see the same prompts; data-parallel replicas may differ
+    prompts = [[5, 6, 7 + dist.get_rank() // tp], [9, 10, 11, 12]]
     start = max_diff(llm, student, prompts)
     # one large step on an arbitrary loss moves every weight
     ids = torch.randint(3, 300, (2, 10))

@@ -49,6 +49,8 @@ def test_splits_disjoint(problems, tmp_path):
     path = tmp_path / "val.jsonl"
     toy.write_jsonl(val, str(path))
     assert toy.read_jsonl(str(path)) == val
+    with pytest.raises(ValueError):  # tags alternate, and there are only 5050 distinct a - b
+        toy.make_problems(10102, seed=0)
 
 
 def test_parse_boxed():
@@ -64,7 +66,8 @@ def test_tokenizer_round_trips_and_splits_digits(tokenizer, problems):
     digits = tokenizer.convert_ids_to_tokens(tokenizer.encode("1234", add_special_tokens=False))
     assert digits == ["1", "2", "3", "4"]
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
-    assert tokenizer.encode("<|im_start|>", add_special_tokens=False) == [tokenizer.convert_tokens_to_ids("<|im_start|>")]
+    im_start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert tokenizer.encode("<|im_start|>", add_special_tokens=False) == [im_start]
     answer = toy.encode_answer(tokenizer, r)
     assert answer[-1] == tokenizer.eos_token_id
     assert tokenizer.decode(answer) == toy.answer_text(r) + "<|im_end|>"
@@ -115,7 +118,7 @@ def test_sft_reduces_loss(tokenizer, problems):
     model = toy.build_model(tokenizer, seed=0)
     records = problems[:8]
     before = toy.sft_loss(model, tokenizer, records)
-    toy.sft(model, tokenizer, records, steps=15, batch_size=8)
+    toy.sft(model, tokenizer, records, steps=30, batch_size=8)
     after = toy.sft_loss(model, tokenizer, records)
     assert after < 0.5 * before, (before, after)
     assert 0.0 <= toy.greedy_accuracy(model, tokenizer, records) <= 1.0
@@ -128,3 +131,26 @@ def test_prepare_returns_cache_without_rebuilding(tmp_path):
                      {"dir": "", "train": "train.jsonl", "val": "val.jsonl",
                       "student": "student", "teacher": "teacher"}.items()}
     assert os.listdir(tmp_path) == ["DONE"]  # nothing was built
+
+
+def test_prepare_force_replaces_build_and_marks_done_last(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_build(tmp):
+        calls.append(tmp)
+        for name in ("train.jsonl", "val.jsonl", "info.json"):
+            (open(os.path.join(tmp, name), "w")).write(str(len(calls)))
+        for name in ("teacher", "student"):
+            os.makedirs(os.path.join(tmp, name))
+
+    monkeypatch.setattr(toy, "_build", fake_build)
+    (tmp_path / "mine.txt").write_text("keep me")
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "stale.bin").write_text("old")
+    paths = toy.prepare(str(tmp_path))
+    assert (tmp_path / "DONE").exists() and (tmp_path / "train.jsonl").read_text() == "1"
+    assert not (tmp_path / "teacher" / "stale.bin").exists() and (tmp_path / "mine.txt").exists()
+    assert toy.prepare(str(tmp_path)) == paths and len(calls) == 1  # cached
+    toy.prepare(str(tmp_path), force=True)
+    assert len(calls) == 2 and (tmp_path / "train.jsonl").read_text() == "2"
+    assert not [p for p in os.listdir(tmp_path.parent) if p.startswith(tmp_path.name + ".tmp-")]

@@ -2,12 +2,15 @@
 
 import json
 
+import pytest
+
 from conftest import TORCHRUN, run_cmd
 
 
-def test_sampler_logprobs_follow_weight_sync(tiny, tmp_path):
+@pytest.mark.parametrize("tp", [1, 2], ids=["2-replicas", "tp2-external-launcher"])
+def test_sampler_logprobs_follow_weight_sync(tiny, tmp_path, tp):
     out = tmp_path / "diffs.json"
-    r = run_cmd([TORCHRUN, "--nproc_per_node=2", "tests/sync_worker.py", tiny["student"], str(out)])
+    r = run_cmd([TORCHRUN, "--nproc_per_node=2", "tests/sync_worker.py", tiny["student"], str(out), str(tp)])
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     d = json.loads(out.read_text())
     assert d["start"] < 1e-4, d        # same weights: vLLM and the trainer agree
