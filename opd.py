@@ -18,7 +18,6 @@ checkpoints. Not a framework: fork it.
 
 import dataclasses
 import datetime
-import difflib
 import json
 import math
 import os
@@ -26,13 +25,13 @@ import resource
 import shutil
 import sys
 import time
-import typing
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 import torch
 import torch.distributed as dist
 
+import config
 import data
 import rollout  # sets VLLM_ENABLE_V1_MULTIPROCESSING before anything imports vLLM
 import teachers as teachers_lib
@@ -145,91 +144,34 @@ class Config:
     """cuda | cpu | auto (cuda if available)."""
 
 
-class ConfigError(ValueError):
-    """Bad configuration; the message names the key, flag or file."""
-
-
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def from_dict(cls, values, where):
-    """Build dataclass `cls` from a YAML mapping, rejecting unknown keys by name."""
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, val in values.items():
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else f"; known keys: {', '.join(names)}"
-            raise ConfigError(f"{where}: unknown key '{key}'{hint}")
-        typ = hints[key]
-        kwargs[key] = (from_dict(typ, val, f"{where}.{key}") if dataclasses.is_dataclass(typ)
-                       else _coerce(val, typ, f"{where}.{key}"))
-    return cls(**kwargs)
-
-
-def _coerce(val, typ, where):
-    origin, args = typing.get_origin(typ), typing.get_args(typ)
-    if origin is typing.Union:  # Optional[X]
-        return None if val is None else _coerce(val, args[0], where)
-    if origin is Literal:
-        if val not in args:
-            raise ConfigError(f"{where}: {val!r} is not one of {', '.join(map(str, args))}")
-        return val
-    if origin is list:
-        items = val if isinstance(val, list) else [val]
-        return [_coerce(v, args[0], where) for v in items]
-    ok = {float: (int, float), int: (int,), bool: (bool,), str: (str,)}[typ]
-    if not isinstance(val, ok) or (typ is not bool and isinstance(val, bool)):
-        raise ConfigError(f"{where}: expected {typ.__name__}, got {val!r}")
-    return typ(val)
-
-
 def parse_config(argv):
-    """--config YAML (if any) gives the defaults; every other flag overrides them."""
-    import tyro
-    import yaml
-
-    default = Config()
-    for i, arg in enumerate(argv):
-        if arg == "--config" or arg.startswith("--config="):
-            path = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
-            try:
-                with open(path) as f:
-                    values = yaml.safe_load(f) or {}
-            except OSError as e:
-                raise ConfigError(f"--config: cannot read {path!r}: {e.strerror}") from None
-            except yaml.YAMLError as e:
-                raise ConfigError(f"--config: {path} is not valid YAML: {e}") from None
-            default = from_dict(Config, values, path)
-            default.config = path
-    return tyro.cli(Config, args=argv, default=default, use_underscores=True,
-                    description=__doc__.split("\n\n")[0])
+    return config.parse(Config, argv, description=__doc__.split("\n\n")[0])
 
 
 def check_config(cfg, world):
     tp = cfg.student_infer.tensor_parallel_size
     if world % tp:
-        raise ConfigError(f"student_infer.tensor_parallel_size={tp} does not divide the world size {world}")
+        raise config.ConfigError(f"student_infer.tensor_parallel_size={tp} does not divide the world size {world}")
     if cfg.rollout_batch_size % world:
-        raise ConfigError(f"rollout_batch_size={cfg.rollout_batch_size} must be a multiple of the "
+        raise config.ConfigError(f"rollout_batch_size={cfg.rollout_batch_size} must be a multiple of the "
                           f"number of ranks ({world})")
     for name in ("rollout_batch_size", "num_return_sequences_in_group", "prompt_length",
                  "response_length", "max_steps"):
         if getattr(cfg, name) < 1:
-            raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+            raise config.ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
     for where, dt in (("student_train.dtype", cfg.student_train.dtype),
                       ("student_infer.dtype", cfg.student_infer.dtype), ("teacher.dtype", cfg.teacher.dtype)):
         if dt not in DTYPES:
-            raise ConfigError(f"{where}: {dt!r} is not one of {', '.join(DTYPES)}")
+            raise config.ConfigError(f"{where}: {dt!r} is not one of {', '.join(DTYPES)}")
     for where, path in (("pretrain", cfg.pretrain), ("teacher.model_name_or_path", cfg.teacher.model_name_or_path)):
         if path.startswith(toy.TOY_DIR):
             continue  # the toy world is built on first use
         hub_id = not os.path.exists(path) and path.count("/") == 1 and not path.startswith(("/", "."))
         if not hub_id and not os.path.isfile(os.path.join(path, "config.json")):
-            raise ConfigError(f"{where}: {path!r} is not a model directory (no config.json there)")
+            raise config.ConfigError(f"{where}: {path!r} is not a model directory (no config.json there)")
 
 
 def check_lengths(cfg):
@@ -237,7 +179,7 @@ def check_lengths(cfg):
 
     n_pos = AutoConfig.from_pretrained(cfg.pretrain).max_position_embeddings
     if cfg.prompt_length + cfg.response_length > n_pos:
-        raise ConfigError(f"prompt_length + response_length = {cfg.prompt_length + cfg.response_length} "
+        raise config.ConfigError(f"prompt_length + response_length = {cfg.prompt_length + cfg.response_length} "
                           f"exceeds the student's max_position_embeddings ({n_pos})")
 
 
@@ -419,7 +361,7 @@ def main(cfg):
     dist.broadcast_object_list(stamp, src=0)  # start-up only; not on the hot path
     cfg.output_dir = cfg.output_dir.replace("{time}", stamp[0])
     if os.path.exists(os.path.join(cfg.output_dir, "metrics.jsonl")) and not cfg.overwrite_output_dir:
-        raise ConfigError(f"output_dir: {cfg.output_dir} already holds a run (metrics.jsonl); "
+        raise config.ConfigError(f"output_dir: {cfg.output_dir} already holds a run (metrics.jsonl); "
                           "choose another --output_dir or pass --overwrite_output_dir")
     dist.barrier()  # every rank has checked before rank 0 writes anything
     if rank == 0:
@@ -551,7 +493,7 @@ if __name__ == "__main__":
         check_config(cfg, world=int(os.environ.get("WORLD_SIZE", "1")))
         prepare_toy_world(cfg)
         main(cfg)
-    except (ConfigError, data.DataError, teachers_lib.TeacherError) as e:
+    except (config.ConfigError, data.DataError, teachers_lib.TeacherError) as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"opd: error: {e}", file=sys.stderr)
         sys.exit(2)
