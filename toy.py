@@ -159,11 +159,6 @@ def write_jsonl(records, path: str) -> None:
             f.write(json.dumps(r) + "\n")
 
 
-def read_jsonl(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 # ----------------------------------------------------------------------------- tokenizer
 
 
