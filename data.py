@@ -1,12 +1,13 @@
 """Prompt data: jsonl in the seed format, chat templates, and per-step batches.
 
 Owns reading and validating the records (`id, source, difficulty, prompt, messages, tag,
-ground_truth, test_cases`), rendering each prompt with the tokenizer's chat template,
-dropping (and counting) prompts longer than `prompt_length`, and handing every
-data-parallel rank its slice of each global batch, reshuffled every epoch from the seed.
+ground_truth, test_cases`), rendering each prompt with the tokenizer's chat template
+(chosen per tag: `global_template`, `tag_to_template`), dropping (and counting) prompts
+longer than `prompt_length`, mixing domains by `domain_interleave_probs`, and handing
+every data-parallel rank its slice of each global batch.
 
-Simplified: one chat template for all tags (the tokenizer's own); every record is
-tokenized once at start-up.
+Simplified: every record is tokenized once at start-up; a template is the tokenizer's own
+chat template plus keyword arguments, not a string format of our own.
 """
 
 import json
@@ -60,15 +61,39 @@ def _messages(rec, where):
     raise DataError(f"{where}: record has neither 'prompt' nor 'messages'")
 
 
-def encode_prompts(records, tokenizer, prompt_length):
+# Named chat-template variants. Each is the tokenizer's own template (apply_chat_template)
+# rendered with extra keyword arguments, so a real Qwen3 tokenizer gets Qwen3's template.
+TEMPLATES = {
+    "native": {},                                 # the tokenizer's template as it is
+    "qwen3": {"enable_thinking": True},           # Qwen3, thinking mode
+    "qwen3_nothink": {"enable_thinking": False},  # Qwen3, empty <think></think> block
+}
+
+
+def check_templates(global_template, tag_to_template):
+    for where, name in [("global_template", global_template),
+                        *((f"tag_to_template.{t}", n) for t, n in tag_to_template.items())]:
+        if name not in TEMPLATES:
+            raise DataError(f"{where}: unknown template {name!r}; known: {', '.join(TEMPLATES)}")
+
+
+def render(tokenizer, messages, template):
+    """The prompt text of a chat, ready for the assistant's answer."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                         **TEMPLATES[template])
+
+
+def encode_prompts(records, tokenizer, prompt_length, global_template="native", tag_to_template=None):
     """Token ids of every record's rendered prompt; over-long ones are dropped.
 
+    The template is `tag_to_template[tag]`, else `global_template`.
     Returns (kept, n_skipped) where kept is a list of (token_ids, record)."""
+    tag_to_template = tag_to_template or {}
+    check_templates(global_template, tag_to_template)
     kept, skipped = [], 0
     for rec in records:
-        text = tokenizer.apply_chat_template(rec["messages"], tokenize=False,
-                                             add_generation_prompt=True)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        template = tag_to_template.get(rec.get("tag", ""), global_template)
+        ids = tokenizer(render(tokenizer, rec["messages"], template), add_special_tokens=False)["input_ids"]
         if len(ids) > prompt_length:
             skipped += 1
             continue
@@ -76,26 +101,50 @@ def encode_prompts(records, tokenizer, prompt_length):
     return kept, skipped
 
 
+class _Stream:
+    """Item indices in a fresh seeded permutation every epoch."""
+
+    def __init__(self, indices, seed):
+        self.indices, self.seed, self.epoch, self.order = indices, seed, -1, []
+
+    def take(self):
+        if not self.order:
+            self.epoch += 1
+            g = torch.Generator().manual_seed(self.seed + 1000 * self.epoch)
+            self.order = [self.indices[i] for i in torch.randperm(len(self.indices), generator=g)]
+            self.order.reverse()  # pop() from the end = the permutation's order
+        return self.order.pop()
+
+
 class PromptBatches:
     """Endless global batches of `batch_size` prompts; this rank gets its slice.
 
-    Every rank draws the same permutation (seeded by seed + epoch), so the global batch
-    is the same everywhere and the slices are disjoint."""
+    Without `domain_probs` every epoch is one seeded permutation of all items. With it,
+    each slot of a batch first draws a domain with the given probabilities, then the
+    next item of that domain's own permutation (`domains`: name -> item indices). Every
+    rank draws the same global batch (same seeds), so the slices are disjoint."""
 
-    def __init__(self, items, batch_size, *, seed, dp_rank=0, dp_size=1):
+    def __init__(self, items, batch_size, *, seed, dp_rank=0, dp_size=1, domains=None,
+                 domain_probs=None):
         if len(items) < batch_size:
             raise DataError(f"rollout_batch_size={batch_size} but only {len(items)} usable prompts")
-        self.items, self.batch_size, self.seed = items, batch_size, seed
+        self.items, self.batch_size = items, batch_size
         self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.epoch, self.order, self.pos = -1, [], 0
+        if domain_probs:
+            for name in domain_probs:
+                if not (domains or {}).get(name):
+                    raise DataError(f"domain_interleave_probs.{name}: no usable prompt has a tag of "
+                                    f"domain '{name}'")
+            names = list(domain_probs)
+            self.streams = [_Stream(domains[n], seed + 7919 * i) for i, n in enumerate(names)]
+            self.probs = torch.tensor([float(domain_probs[n]) for n in names])
+        else:
+            self.streams, self.probs = [_Stream(list(range(len(items))), seed)], torch.ones(1)
+        self.g = torch.Generator().manual_seed(seed)
 
     def next(self):
-        if self.pos + self.batch_size > len(self.order):
-            self.epoch += 1
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
-            self.order, self.pos = torch.randperm(len(self.items), generator=g).tolist(), 0
-        batch = self.order[self.pos:self.pos + self.batch_size]
-        self.pos += self.batch_size
+        picks = torch.multinomial(self.probs, self.batch_size, replacement=True, generator=self.g)
+        batch = [self.streams[i].take() for i in picks.tolist()]
         share = self.batch_size // self.dp_size
         mine = batch[self.dp_rank * share:(self.dp_rank + 1) * share]
         return [self.items[i] for i in mine]
