@@ -45,6 +45,11 @@ def _coerce(val, typ, where):
         if val not in args:
             raise ConfigError(f"{where}: {val!r} is not one of {', '.join(map(str, args))}")
         return val
+    if origin is dict:
+        if not isinstance(val, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {val!r}")
+        return {str(k): (from_dict(args[1], v, f"{where}.{k}") if dataclasses.is_dataclass(args[1])
+                         else _coerce(v, args[1], f"{where}.{k}")) for k, v in val.items()}
     if origin is list:
         items = val if isinstance(val, list) else [val]
         return [_coerce(v, args[0], where) for v in items]

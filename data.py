@@ -101,6 +101,29 @@ def encode_prompts(records, tokenizer, prompt_length, global_template="native", 
     return kept, skipped
 
 
+def load_prompts(files, tokenizer, prompt_length, global_template="native", tag_to_template=None,
+                 users=None):
+    """Read, render and filter prompt files: drop prompts longer than `prompt_length` and
+    prompts whose tag none of `users` handles (each a tag list; an empty list = all tags;
+    None = keep every tag). Returns (items, notes): notes say what was skipped and why."""
+    records = read_jsonl(files)
+    items, too_long = encode_prompts(records, tokenizer, prompt_length, global_template,
+                                     tag_to_template)
+    notes = []
+    if too_long:
+        notes.append(f"skipped {too_long}/{len(records)} prompts of {files} longer than "
+                     f"prompt_length={prompt_length}")
+    if users is not None:
+        handled = lambda tag: any(not tags or tag in tags for tags in users)
+        orphans = sorted({rec.get("tag", "") for _, rec in items if not handled(rec.get("tag", ""))})
+        if orphans:
+            n = sum(rec.get("tag", "") in orphans for _, rec in items)
+            notes.append(f"skipped {n} records of {files} whose tag no teacher and no reward "
+                         f"handles: {orphans}")
+            items = [it for it in items if it[1].get("tag", "") not in orphans]
+    return items, notes
+
+
 class _Stream:
     """Item indices in a fresh seeded permutation every epoch."""
 

@@ -7,6 +7,8 @@ What this file owns (pure tensor functions, no distributed / vLLM / config code)
 * ``opd_advantages`` -- turns teacher log-probs into a per-token advantage:
                         ``rl_adv - sum_i coef_i * routed_i * KL_i``.  A sample
                         only pays the KL of the teachers that actually scored it.
+* ``rl_advantages``  -- sequence-level RL advantages from external rewards
+                        (``reinforce``, ``grpo``) for mixed mode and plain RL.
 * ``policy_loss``    -- PPO-style clipped surrogate with token- or
                         sequence-level importance ratios against the behaviour
                         (sampler) policy, plus the usual aggregation modes.
@@ -100,6 +102,27 @@ def opd_advantages(student_logp, teacher_logps, coefs, routed, mask, rl_adv=None
 # --------------------------------------------------------------------------- #
 # Policy-gradient loss
 # --------------------------------------------------------------------------- #
+
+
+def rl_advantages(rewards, group, kind="grpo", eps=1e-6):
+    """Sequence-level RL advantage [B] from one scalar reward per sample.
+
+    ``reinforce``: the reward itself. ``grpo``: the reward normalised within its group
+    (the samples that answer the same prompt, ``group`` [B] holds any ids):
+    (r - mean_g) / (std_g + eps), with the population std, so a group of one or a
+    group whose rewards are all equal gets advantage 0 rather than nan.
+    """
+    rewards = rewards.detach().double()
+    if kind == "reinforce":
+        return rewards.float()
+    if kind != "grpo":
+        raise ValueError(f"unknown RL advantage estimator {kind!r}; expected grpo or reinforce")
+    _, gid = torch.unique(group, return_inverse=True)
+    n = torch.zeros(int(gid.max()) + 1, dtype=rewards.dtype, device=rewards.device)
+    n = n.index_add(0, gid, torch.ones_like(rewards))
+    mean = torch.zeros_like(n).index_add(0, gid, rewards) / n
+    var = torch.zeros_like(n).index_add(0, gid, (rewards - mean[gid]) ** 2) / n
+    return ((rewards - mean[gid]) / (var.sqrt()[gid] + eps)).float()
 
 
 def _clip_bounds(clip):

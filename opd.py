@@ -19,10 +19,8 @@ checkpoints. Not a framework: fork it.
 import dataclasses
 import datetime
 import json
-import math
 import os
 import resource
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -31,12 +29,15 @@ from typing import Literal, Optional
 import torch
 import torch.distributed as dist
 
+import rollout  # noqa: I001  first: sets the vLLM environment before vLLM is imported
 import config
 import data
-import rollout  # sets VLLM_ENABLE_V1_MULTIPROCESSING before anything imports vLLM
+import rewards
+import student as student_lib
 import teachers as teachers_lib
-from loss import agg_denom, masked_mean, opd_advantages, policy_loss
 import toy
+import validation
+from loss import rl_advantages
 
 # ----------------------------------------------------------------------------------------
 # Config. Every field's docstring is its --help text. Key names follow the seed (ROLL).
@@ -93,7 +94,7 @@ class StudentInfer:
 @dataclass
 class TeacherConfig:
     model_name_or_path: str = os.path.join(toy.TOY_DIR, "teacher")
-    """HF-format directory of the teacher (forward only, sharded with FSDP2)."""
+    """HF-format directory of the teacher (forward only, FSDP2); '' = no teacher (plain RL)."""
     opd_kl_coef: float = 1.0
     """Weight of this teacher's reverse KL in the advantage."""
     tag_included: list[str] = field(default_factory=list)
@@ -108,6 +109,27 @@ class TeacherConfig:
 class Data:
     file_name: list[str] = field(default_factory=lambda: [os.path.join(toy.TOY_DIR, "train.jsonl")])
     """jsonl files in the seed format (id, source, difficulty, prompt, messages, tag, ...)."""
+
+
+@dataclass
+class RewardConfig:
+    type: Literal["math_rule", "code_sandbox"] = "math_rule"
+    """math_rule: \\boxed answer vs ground_truth (math-verify); code_sandbox: test_cases."""
+    tag_included: list[str] = field(default_factory=list)
+    """Tags this reward scores (also its domain for domain_interleave_probs); empty = all."""
+
+
+@dataclass
+class Validation:
+    file_name: list[str] = field(default_factory=lambda: [os.path.join(toy.TOY_DIR, "val.jsonl")])
+    """jsonl files to evaluate on; empty = none. (The toy split is only the default when
+    training on the toy data.)"""
+    eval_steps: int = 50
+    """Evaluate before the first step, every N steps and after the last (0 = never)."""
+    temperature: float = 0.0
+    """Sampling temperature for validation (0 = greedy)."""
+    num_examples: int = 3
+    """Generations shown on the console and in TensorBoard text per evaluation."""
 
 
 @dataclass
@@ -130,6 +152,22 @@ class Config:
     """Most tokens sampled per response."""
     kl_estimator: Literal["k1", "k2", "k3", "abs"] = "k1"
     """Per-token reverse-KL estimator that becomes the (negative) advantage."""
+    rewards: dict[str, RewardConfig] = field(default_factory=lambda: {"math": RewardConfig()})
+    """External rewards, name -> {type, tag_included}; a sample gets the sum of those
+    whose tags include its tag. Pure OPD logs them only (reward/<tag>/mean)."""
+    use_opd: bool = False
+    """Mixed mode: advantage = RL advantage from the rewards - sum of teacher KL terms.
+    With teacher.model_name_or_path '' (no teacher) training is plain RL."""
+    adv_estimator: Literal["grpo", "reinforce"] = "grpo"
+    """RL advantage from rewards (mixed mode, plain RL): group-normalised or raw."""
+    global_template: str = "native"
+    """Chat template for every tag: native (the tokenizer's) | qwen3 | qwen3_nothink."""
+    tag_to_template: dict[str, str] = field(default_factory=dict)
+    """Per-tag template overriding global_template, e.g. {code: qwen3_nothink}."""
+    domain_interleave_probs: dict[str, float] = field(default_factory=dict)
+    """Mix domains (reward names; their tags are the reward's tag_included) by these
+    probabilities; empty = sample prompts uniformly."""
+    validation: Validation = field(default_factory=Validation)
     max_steps: int = 200
     """Training steps (one rollout batch and one optimizer step each)."""
     save_steps: int = 0
@@ -151,6 +189,17 @@ def parse_config(argv):
     return config.parse(Config, argv, description=__doc__.split("\n\n")[0])
 
 
+def apply_toy_defaults(cfg):
+    """The toy teacher and validation split are defaults for the toy world only: a config
+    that brings its own student and names no teacher trains with plain RL (as in the
+    seed: no teacher configured = RL), and its own data has no validation by default."""
+    if cfg.teacher.model_name_or_path == TeacherConfig().model_name_or_path != "" and \
+            cfg.pretrain != Config().pretrain:
+        cfg.teacher.model_name_or_path = ""
+    if cfg.validation.file_name == Validation().file_name and cfg.data.file_name != Data().file_name:
+        cfg.validation.file_name = []
+
+
 def check_config(cfg, world):
     tp = cfg.student_infer.tensor_parallel_size
     if world % tp:
@@ -166,7 +215,18 @@ def check_config(cfg, world):
                       ("student_infer.dtype", cfg.student_infer.dtype), ("teacher.dtype", cfg.teacher.dtype)):
         if dt not in DTYPES:
             raise config.ConfigError(f"{where}: {dt!r} is not one of {', '.join(DTYPES)}")
+    if not cfg.teacher.model_name_or_path and not cfg.rewards:
+        raise config.ConfigError("no teacher and no rewards: nothing to learn from")
+    if cfg.use_opd and not cfg.rewards:
+        raise config.ConfigError("use_opd (mixed mode) needs at least one entry in rewards")
+    for name in cfg.domain_interleave_probs:
+        if name not in cfg.rewards:
+            raise config.ConfigError(f"domain_interleave_probs.{name}: no reward named '{name}' "
+                                     f"(domains are reward names: {', '.join(cfg.rewards)})")
+    data.check_templates(cfg.global_template, cfg.tag_to_template)
     for where, path in (("pretrain", cfg.pretrain), ("teacher.model_name_or_path", cfg.teacher.model_name_or_path)):
+        if where.startswith("teacher") and not path:
+            continue
         if path.startswith(toy.TOY_DIR):
             continue  # the toy world is built on first use
         hub_id = not os.path.exists(path) and path.count("/") == 1 and not path.startswith(("/", "."))
@@ -206,112 +266,6 @@ def init_distributed(device):
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def build_student(cfg, device):
-    """The trainable student, sharded with FSDP2 over all ranks (ZeRO-3 style)."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    from transformers import AutoModelForCausalLM
-
-    st = cfg.student_train
-    model = AutoModelForCausalLM.from_pretrained(cfg.pretrain, dtype=torch.float32,
-                                                 attn_implementation=st.attn_implementation)
-    if st.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    mesh = init_device_mesh(torch.device(device).type, (dist.get_world_size(),))
-    # Parameters are all-gathered in `dtype` for compute; gradients reduce-scatter in fp32.
-    mp = MixedPrecisionPolicy(param_dtype=DTYPES[st.dtype], reduce_dtype=torch.float32)
-    # Each block is its own FSDP unit: its parameters are gathered just before it runs and
-    # freed right after (reshard_after_forward), then gathered again for backward.
-    for block in model.model.layers:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
-    model.to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=st.lr, weight_decay=st.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / st.warmup_steps) if st.warmup_steps else 1.0)
-    return model, opt, sched
-
-
-def save_checkpoint(model, tokenizer, path):
-    """HF-format student (config + safetensors + tokenizer) that transformers and vLLM load.
-
-    Gathers the full state dict on rank 0 (CPU); written to a temp dir then renamed, so a
-    crash never leaves a half-written step_N."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if dist.get_rank() == 0:
-        tmp = path + ".tmp"
-        model.save_pretrained(tmp, state_dict=state)
-        tokenizer.save_pretrained(tmp)
-        if os.path.exists(path):  # the same step saved twice: the newer one wins
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    dist.barrier()
-
-
-# ----------------------------------------------------------------------------------------
-# One training step on this rank's samples
-
-
-def train_step(cfg, student, opt, sched, batch, teacher_logps, routed, teachers):
-    """Advantage + IS policy loss over micro-batches, then one FSDP2 optimizer step.
-
-    The student's logp is computed once, with grad; its detached value is the pi_old of
-    the advantage (exact because there is one optimizer step per rollout batch). Each
-    micro-batch's loss is divided by the global token (or sequence) count over the world
-    size, because FSDP2 averages gradients over ranks: the accumulated gradient is exactly
-    that of the loss aggregated over the whole global batch."""
-    st = cfg.student_train
-    world = dist.get_world_size()
-    denom = agg_denom(batch.response_mask, st.loss_agg_mode).float()
-    dist.all_reduce(denom)
-    coefs = {t.name: t.coef for t in teachers}
-    # metrics as sums over tokens, kept on the device (no host sync per micro-batch), so
-    # micro-batches and ranks combine exactly in one all-reduce at the end of the step
-    sums = {}
-
-    def add(key, value):
-        sums[key] = sums.get(key, 0.0) + value.detach().double()
-
-    for start in range(0, len(batch), st.micro_batch_size):
-        idx = list(range(start, min(start + st.micro_batch_size, len(batch))))
-        mb = batch.select(idx)
-        mb_tl = {n: v[idx] for n, v in teacher_logps.items()}
-        mb_routed = {n: v[idx] for n, v in routed.items()}
-        mask = mb.response_mask
-        logp = rollout.response_logp(student, mb, cfg.student_infer.temperature)
-        adv = opd_advantages(logp.detach(), mb_tl, coefs, mb_routed, mask, kind=cfg.kl_estimator)
-        loss, m = policy_loss(logp, mb.rollout_logp, adv, mask, clip=st.clip, level=st.is_level,
-                              agg=st.loss_agg_mode, denom=denom / world)
-        loss.backward()
-        n_tok = mask.sum()
-        add("loss", loss / world)
-        add("tokens", n_tok)
-        add("kl", -opd_advantages(logp.detach(), mb_tl, coefs, mb_routed, mask, kind="k1").sum())
-        add("ratio", m["is_ratio_mean"] * n_tok)
-        add("clip", m["clip_frac"] * n_tok)
-        for t in teachers:
-            tmask = mask * mb_routed[t.name][:, None]
-            add(f"kl/{t.name}", ((logp.detach() - mb_tl[t.name]) * tmask).sum())
-            add(f"tokens/{t.name}", tmask.sum())
-    grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), st.max_grad_norm or float("inf"))
-    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    opt.step()
-    sched.step()
-    opt.zero_grad(set_to_none=True)
-    add("grad_norm", grad_norm / world)  # the same on every rank: the sum over ranks / world
-    return sums
-
-
-def reduce_sums(sums, device):
-    """Sum a dict of scalars (tensors or numbers) over all ranks: one all-reduce."""
-    keys = sorted(sums)
-    vec = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=device) for k in keys])
-    dist.all_reduce(vec)
-    return dict(zip(keys, vec.tolist()))
-
-
 # ----------------------------------------------------------------------------------------
 # Logging
 
@@ -327,13 +281,15 @@ class Logger:
             self.tb = SummaryWriter(log_dir=output_dir)
             self.jsonl = open(os.path.join(output_dir, "metrics.jsonl"), "a")
 
-    def log(self, step, metrics):
+    def log(self, step, metrics, examples=()):
         if not self.enabled:
             return
         self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self.jsonl.flush()
         for k, v in metrics.items():
             self.tb.add_scalar(k, v, step)
+        if examples:
+            self.tb.add_text("val/examples", "\n\n".join(examples), step)
         self.tb.flush()
 
     def close(self):
@@ -373,36 +329,58 @@ def main(cfg):
         with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
             yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
 
-    # ---- data
+    # ---- data: prompts rendered per tag, skipped when too long or routed nowhere
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.pretrain)
-    records = data.read_jsonl(cfg.data.file_name)
-    items, skipped = data.encode_prompts(records, tokenizer, cfg.prompt_length)
-    if skipped:
-        banner(f"data: skipped {skipped}/{len(records)} prompts longer than prompt_length={cfg.prompt_length}")
-    batches = data.PromptBatches(items, cfg.rollout_batch_size, seed=cfg.seed,
-                                 dp_rank=rank // tp, dp_size=world // tp)
+    users = [r.tag_included for r in cfg.rewards.values()]  # tag lists of what can use a prompt
+    users += [cfg.teacher.tag_included] if cfg.teacher.model_name_or_path else []
+    load = lambda files, users: data.load_prompts(files, tokenizer, cfg.prompt_length,
+                                                  cfg.global_template, cfg.tag_to_template, users)
+    items, notes = load(cfg.data.file_name, users)
+    all_tags = sorted({rec.get("tag", "") for _, rec in items})
+    domains = {name: [i for i, (_, rec) in enumerate(items)
+                      if not r.tag_included or rec.get("tag", "") in r.tag_included]
+               for name, r in cfg.rewards.items()}
+    batches = data.PromptBatches(items, cfg.rollout_batch_size, seed=cfg.seed, dp_rank=rank // tp,
+                                 dp_size=world // tp, domains=domains,
+                                 domain_probs=cfg.domain_interleave_probs)
+    # validation is scored by the rewards, so only their tags count there
+    val_items, val_notes = (load(cfg.validation.file_name, users[:len(cfg.rewards)])
+                            if cfg.validation.file_name and cfg.validation.eval_steps else ([], []))
+    for note in notes + val_notes:
+        banner(f"data: {note}")
 
     # ---- models: vLLM engine first (on GPU its memory check wants an empty device),
     # then the student (FSDP2, trained) and the teacher (FSDP2, forward only)
     torch.manual_seed(cfg.seed)
-    teachers_lib.check_vocab(cfg.pretrain, cfg.teacher.model_name_or_path, "default")
-    si = cfg.student_infer
+    si, tc = cfg.student_infer, cfg.teacher
+    if tc.model_name_or_path:
+        teachers_lib.check_vocab(cfg.pretrain, tc.model_name_or_path, "default")
     llm = rollout.make_engine(
         cfg.pretrain, dtype=si.dtype, tensor_parallel_size=tp, seed=cfg.seed,
         max_model_len=cfg.prompt_length + cfg.response_length,
         gpu_memory_utilization=si.gpu_memory_utilization, enforce_eager=si.enforce_eager,
         kv_cache_gib=si.kv_cache_gib, enable_sleep_mode=si.sleep and device != "cpu")
-    student, opt, sched = build_student(cfg, device)
-    tc = cfg.teacher
+    student, opt, sched = student_lib.build_student(cfg.pretrain, cfg.student_train, device)
     teachers = [teachers_lib.load_teacher(
         "default", tc.model_name_or_path, device=device, dtype=DTYPES[tc.dtype],
         attn_implementation=cfg.student_train.attn_implementation, coef=tc.opd_kl_coef,
-        tag_included=tc.tag_included, micro_batch_size=tc.micro_batch_size)]
+        tag_included=tc.tag_included, micro_batch_size=tc.micro_batch_size)] if tc.model_name_or_path else []
+    reward_cfgs = {name: (r.type, r.tag_included) for name, r in cfg.rewards.items()}
+    mode = "plain RL" if not teachers else "mixed (RL + OPD)" if cfg.use_opd else "pure OPD"
     logger = Logger(cfg.output_dir, rank == 0)
-    banner(f"opd: {world} rank(s) on {device}, {len(items)} prompts, output in {cfg.output_dir}")
+    banner(f"opd: {mode}, {world} rank(s) on {device}, {len(items)} prompts, output in {cfg.output_dir}")
 
+    def validate(step):
+        metrics, examples = validation.evaluate(llm, val_items, tokenizer, cfg, reward_cfgs, device)
+        banner(f"val  {step:4d}/{cfg.max_steps} | " + " | ".join(f"{k[4:]} {v:.3f}" for k, v in metrics.items()))
+        for ex in examples:
+            banner(f"      {ex}")
+        return metrics, examples
+
+    if val_items:
+        logger.log(0, *validate(0))
     for step in range(1, cfg.max_steps + 1):
         t_step = time.perf_counter()
 
@@ -414,33 +392,46 @@ def main(cfg):
             n=cfg.num_return_sequences_in_group, max_tokens=cfg.response_length,
             temperature=si.temperature, top_p=si.top_p, top_k=si.top_k,
             pad_id=tokenizer.pad_token_id or 0)
+        records = [prompts[g][1] for g in batch.group.tolist()]
         if tp > 1:  # TP peers sampled the same groups: each keeps whole groups of its own
-            batch = batch.select([i for i, g in enumerate(batch.group.tolist()) if g % tp == rank % tp])
+            keep = [i for i, g in enumerate(batch.group.tolist()) if g % tp == rank % tp]
+            batch, records = batch.select(keep), [records[i] for i in keep]
         if si.sleep:
             rollout.sleep(llm)
         batch = batch.to(device)
         t_rollout = time.perf_counter() - t0
 
-        # ---- 2. teacher scoring of every sampled token
+        # ---- 2. external rewards (for the gradient in mixed mode / plain RL, else logged)
+        t0 = time.perf_counter()
+        texts = tokenizer.batch_decode(batch.response_ids(), skip_special_tokens=True)
+        reward, scored = rewards.score_samples(reward_cfgs, texts, records)
+        rl_adv = (rl_advantages(reward, batch.group.cpu(), cfg.adv_estimator).to(device)
+                  if cfg.use_opd or not teachers else None)
+        t_reward = time.perf_counter() - t0
+
+        # ---- 3. teacher scoring of every sampled token
         t0 = time.perf_counter()
         teacher_logps, routed = teachers_lib.score(teachers, batch)
         t_teacher = time.perf_counter() - t0
 
-        # ---- 3. advantage, loss, FSDP2 backward and optimizer step
+        # ---- 4. advantage, loss, FSDP2 backward and optimizer step
         t0 = time.perf_counter()
-        sums = train_step(cfg, student, opt, sched, batch, teacher_logps, routed, teachers)
+        sums = student_lib.train_step(student, opt, sched, batch, teacher_logps, routed, teachers,
+                                      st=cfg.student_train, temperature=si.temperature,
+                                      kl_estimator=cfg.kl_estimator, rl_adv=rl_adv)
         t_train = time.perf_counter() - t0
 
-        # ---- 4. weight sync into the local vLLM engine
+        # ---- 5. weight sync into the local vLLM engine
         t0 = time.perf_counter()
         if si.sleep:
             rollout.wake_up(llm)
         rollout.sync_weights(llm, student, DTYPES[si.dtype])
         t_sync = time.perf_counter() - t0
 
-        # ---- 5. log and checkpoint
+        # ---- 6. log, validate, checkpoint
         sums.update(seqs=len(batch), all_tokens=batch.attention_mask.sum())
-        g = reduce_sums(sums, device)
+        validation.per_tag_sums(sums, "reward", reward, scored, batch.tags, all_tags)
+        g = student_lib.reduce_sums(sums, device)
         step_s = time.perf_counter() - t_step
         rss = torch.tensor(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, device=device)
         dist.all_reduce(rss, op=dist.ReduceOp.MAX)
@@ -454,20 +445,26 @@ def main(cfg):
             "train/lr": sched.get_last_lr()[0],
             **{f"teacher/{t.name}/reverse_kl": g[f"kl/{t.name}"] / max(g[f"tokens/{t.name}"], 1)
                for t in teachers},
-            "timing/rollout_s": t_rollout, "timing/teacher_s": t_teacher,
+            **validation.per_tag_means(g, "reward", "mean", all_tags),
+            "timing/rollout_s": t_rollout, "timing/reward_s": t_reward, "timing/teacher_s": t_teacher,
             "timing/train_s": t_train, "timing/sync_s": t_sync, "timing/step_s": step_s,
             "throughput/tokens_per_s": g["all_tokens"] / step_s,
             "memory/peak_rss_gib": rss.item(),
         }
-        logger.log(step, metrics)
+        examples = []
+        if val_items and (step % cfg.validation.eval_steps == 0 or step == cfg.max_steps):
+            val_metrics, examples = validate(step)
+            metrics.update(val_metrics)
+        logger.log(step, metrics, examples)
         banner(f"step {step:4d}/{cfg.max_steps} | kl {metrics['train/reverse_kl']:7.4f} | "
+               f"reward {g['reward/sum'] / max(g['reward/n'], 1):5.3f} | "
                f"loss {metrics['train/loss']:8.4f} | gnorm {metrics['train/grad_norm']:7.3f} | "
                f"len {metrics['train/response_len']:5.1f} | rollout {t_rollout:5.2f}s teacher "
                f"{t_teacher:5.2f}s train {t_train:5.2f}s sync {t_sync:5.2f}s | "
                f"{metrics['throughput/tokens_per_s']:7.0f} tok/s")
         if step == cfg.max_steps or (cfg.save_steps and step % cfg.save_steps == 0):
             path = os.path.join(cfg.output_dir, "checkpoints", f"step_{step}")
-            save_checkpoint(student, tokenizer, path)
+            student_lib.save_checkpoint(student, tokenizer, path)
             banner(f"saved {path}")
 
     logger.close()
@@ -478,7 +475,7 @@ def main(cfg):
 
 def prepare_toy_world(cfg):
     """Build the toy world once if the config points into it and it is missing."""
-    paths = [cfg.pretrain, cfg.teacher.model_name_or_path, *cfg.data.file_name]
+    paths = [cfg.pretrain, cfg.teacher.model_name_or_path, *cfg.data.file_name, *cfg.validation.file_name]
     if any(p.startswith(toy.TOY_DIR) and not os.path.exists(p) for p in paths):
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
             toy.prepare()
@@ -490,6 +487,7 @@ def prepare_toy_world(cfg):
 if __name__ == "__main__":
     try:
         cfg = parse_config(sys.argv[1:])
+        apply_toy_defaults(cfg)
         check_config(cfg, world=int(os.environ.get("WORLD_SIZE", "1")))
         prepare_toy_world(cfg)
         main(cfg)

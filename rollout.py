@@ -66,6 +66,11 @@ class Rollout:
     def __len__(self):
         return self.input_ids.shape[0]
 
+    def response_ids(self):
+        """The sampled token ids of every response, without padding (list of lists)."""
+        lengths = self.response_mask.sum(-1).long().tolist()
+        return [row[:n] for row, n in zip(self.input_ids[:, self.prompt_len:].tolist(), lengths)]
+
     def to(self, device):
         t = lambda x: x.to(device)
         return Rollout(t(self.input_ids), t(self.attention_mask), t(self.response_mask),

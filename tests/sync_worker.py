@@ -14,6 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import rollout  # noqa: E402  (sets the vLLM env before vLLM is imported)
 import opd  # noqa: E402
+import student as student_lib  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
@@ -32,7 +33,7 @@ if __name__ == "__main__":
     cfg = opd.Config(pretrain=path)
     cfg.student_train.lr = 0.05
     _, _, device = opd.init_distributed("cpu")
-    student, opt, _ = opd.build_student(cfg, device)
+    student, opt, _ = student_lib.build_student(cfg.pretrain, cfg.student_train, device)
     llm = rollout.make_engine(path, dtype="float32", max_model_len=64, seed=0,
                               tensor_parallel_size=tp)
     # TP peers must see the same prompts; data-parallel replicas may differ

@@ -9,6 +9,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import loss  # noqa: E402
 from loss import agg_denom, kl_estimate, masked_mean, opd_advantages, policy_loss  # noqa: E402
 
 F64 = torch.float64
@@ -366,3 +367,23 @@ def test_unknown_level_or_agg_raises():
         policy_loss(logp, old, adv, mask, level="sentence")
     with pytest.raises(ValueError, match="token-mean"):
         policy_loss(logp, old, adv, mask, agg="mean")
+
+
+# ---- rl_advantages
+
+
+def test_rl_advantages_reinforce_is_the_reward():
+    r = torch.tensor([1.0, 0.0, 0.5])
+    assert torch.equal(loss.rl_advantages(r, torch.tensor([0, 0, 1]), "reinforce"), r)
+
+
+def test_rl_advantages_grpo_normalises_within_groups():
+    r = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 7.0])
+    g = torch.tensor([5, 5, 5, 5, 9, 9, 2])  # group 5: one right of four; group 9 all equal; 2 alone
+    adv = loss.rl_advantages(r, g, "grpo")
+    # group 5: mean 0.25, population std sqrt(0.1875) = 0.4330
+    std = math.sqrt(0.1875)
+    expected = [0.75 / std, -0.25 / std, -0.25 / std, -0.25 / std, 0.0, 0.0, 0.0]
+    assert torch.allclose(adv, torch.tensor(expected), atol=1e-4), adv
+    with pytest.raises(ValueError, match="grpo or reinforce"):
+        loss.rl_advantages(r, g, "ppo")

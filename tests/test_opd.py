@@ -29,7 +29,7 @@ def test_reverse_kl_falls_and_outputs_are_complete(tiny, tmp_path):
     out = tmp_path / "run"
     r, rows = run_opd(tiny, out, "--max_steps", "12", "--student_train.lr", "1e-2", "--save_steps", "6")
     kl = [row["train/reverse_kl"] for row in rows]
-    assert len(rows) == 12 and [row["step"] for row in rows] == list(range(1, 13))
+    assert [row["step"] for row in rows] == list(range(1, 13))  # no validation set: no step 0
     assert kl[0] > 1.0, kl                                  # a different teacher: real signal
     assert sum(kl[-3:]) / 3 < 0.75 * sum(kl[:2]) / 2, kl    # and the student closes the gap
     for row in rows:
@@ -79,3 +79,25 @@ seed: 0
     assert len(rows) == 3
     assert abs(rows[0]["train/reverse_kl"]) < 1e-4, rows[0]
     assert abs(rows[0]["train/loss"]) < 1e-4, rows[0]
+
+
+@pytest.mark.parametrize("mode", ["mixed", "plain_rl"])
+def test_mixed_mode_and_plain_rl_runs_log_rewards_and_validation(tiny, tmp_path, mode):
+    flags = ["--max_steps", "3", "--validation.file_name", tiny["train"], "--validation.eval_steps", "2",
+             "--rewards.math.tag_included", "add", "sub"]
+    if mode == "mixed":
+        r, rows = run_opd(tiny, tmp_path / mode, *flags, "--use_opd", "--adv_estimator", "reinforce")
+        assert "opd: mixed (RL + OPD)" in r.stdout
+    else:
+        r, rows = run_opd(tiny, tmp_path / mode, *flags, teacher="")
+        assert "opd: plain RL" in r.stdout
+    by_step = {row["step"]: row for row in rows}
+    assert sorted(by_step) == [0, 1, 2, 3]
+    for step in (0, 2, 3):  # before training, every eval_steps, after the last step
+        assert 0.0 <= by_step[step]["val/accuracy"] <= 1.0
+        assert {"val/add/accuracy", "val/sub/accuracy"} <= set(by_step[step])
+    for step in (1, 2, 3):
+        assert {"reward/add/mean", "reward/sub/mean", "train/loss"} <= set(by_step[step])
+        has_teacher = "teacher/default/reverse_kl" in by_step[step]
+        assert has_teacher == (mode == "mixed")
+    assert "val/examples" not in by_step[0] and "val     0/3 |" in r.stdout.replace("val  ", "val ")

@@ -1,0 +1,128 @@
+"""The student: FSDP2 sharding, the training step, and HF-format checkpoints.
+
+Owns building the trainable student (fully_shard per block, fp32 master weights with a
+compute dtype, AdamW), one optimizer step over a rollout batch (advantage, importance-
+sampled policy loss, gradient accumulation over micro-batches, clipping), and saving the
+student so that transformers and vLLM load it as-is.
+
+Simplified: one optimizer step per rollout batch (so the detached current logp is pi_old),
+a constant learning rate after a linear warm-up, no optimizer-state checkpoints (no resume).
+"""
+
+import os
+import shutil
+
+import torch
+import torch.distributed as dist
+
+import rollout
+from loss import agg_denom, opd_advantages, policy_loss
+
+
+def build_student(path, st, device):
+    """The trainable student from `path`, sharded with FSDP2 over all ranks (ZeRO-3
+    style), with its AdamW optimizer and warm-up schedule. `st` is the student_train
+    config."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                 attn_implementation=st.attn_implementation)
+    if st.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    mesh = init_device_mesh(torch.device(device).type, (dist.get_world_size(),))
+    # Parameters are all-gathered in `dtype` for compute; gradients reduce-scatter in fp32.
+    mp = MixedPrecisionPolicy(param_dtype=getattr(torch, st.dtype), reduce_dtype=torch.float32)
+    # Each block is its own FSDP unit: its parameters are gathered just before it runs and
+    # freed right after (reshard_after_forward), then gathered again for backward.
+    for block in model.model.layers:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    model.to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=st.lr, weight_decay=st.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / st.warmup_steps) if st.warmup_steps else 1.0)
+    return model, opt, sched
+
+
+def save_checkpoint(model, tokenizer, path):
+    """HF-format student (config + safetensors + tokenizer) that transformers and vLLM load.
+
+    Gathers the full state dict on rank 0 (CPU); written to a temp dir then renamed, so a
+    crash never leaves a half-written step_N."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() == 0:
+        tmp = path + ".tmp"
+        model.save_pretrained(tmp, state_dict=state)
+        tokenizer.save_pretrained(tmp)
+        if os.path.exists(path):  # the same step saved twice: the newer one wins
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    dist.barrier()
+
+
+def train_step(student, opt, sched, batch, teacher_logps, routed, teachers, *, st, temperature=1.0,
+               kl_estimator="k1", rl_adv=None):
+    """Advantage + IS policy loss over micro-batches, then one FSDP2 optimizer step.
+
+    The student's logp is computed once, with grad; its detached value is the pi_old of
+    the advantage (exact because there is one optimizer step per rollout batch). Each
+    micro-batch's loss is divided by the global token (or sequence) count over the world
+    size, because FSDP2 averages gradients over ranks: the accumulated gradient is exactly
+    that of the loss aggregated over the whole global batch.
+
+    `rl_adv` [B] (mixed mode, plain RL) is the sequence-level advantage from external
+    rewards; the teachers' weighted KL is subtracted from it. Returns the step's metric
+    sums (0-d tensors) for `reduce_sums`."""
+    world = dist.get_world_size()
+    denom = agg_denom(batch.response_mask, st.loss_agg_mode).float()
+    dist.all_reduce(denom)
+    coefs = {t.name: t.coef for t in teachers}
+    # metrics as sums over tokens, kept on the device (no host sync per micro-batch), so
+    # micro-batches and ranks combine exactly in one all-reduce at the end of the step
+    sums = {}
+
+    def add(key, value):
+        sums[key] = sums.get(key, 0.0) + value.detach().double()
+
+    for start in range(0, len(batch), st.micro_batch_size):
+        idx = list(range(start, min(start + st.micro_batch_size, len(batch))))
+        mb = batch.select(idx)
+        mb_tl = {n: v[idx] for n, v in teacher_logps.items()}
+        mb_routed = {n: v[idx] for n, v in routed.items()}
+        mask = mb.response_mask
+        logp = rollout.response_logp(student, mb, temperature)
+        mb_rl = None if rl_adv is None else rl_adv[idx][:, None]
+        adv = opd_advantages(logp.detach(), mb_tl, coefs, mb_routed, mask, rl_adv=mb_rl,
+                             kind=kl_estimator)
+        loss, m = policy_loss(logp, mb.rollout_logp, adv, mask, clip=st.clip, level=st.is_level,
+                              agg=st.loss_agg_mode, denom=denom / world)
+        loss.backward()
+        n_tok = mask.sum()
+        add("loss", loss / world)
+        add("tokens", n_tok)
+        add("kl", -opd_advantages(logp.detach(), mb_tl, coefs, mb_routed, mask, kind="k1").sum())
+        add("ratio", m["is_ratio_mean"] * n_tok)
+        add("clip", m["clip_frac"] * n_tok)
+        for t in teachers:
+            tmask = mask * mb_routed[t.name][:, None]
+            add(f"kl/{t.name}", ((logp.detach() - mb_tl[t.name]) * tmask).sum())
+            add(f"tokens/{t.name}", tmask.sum())
+    grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), st.max_grad_norm or float("inf"))
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    add("grad_norm", grad_norm / world)  # the same on every rank: the sum over ranks / world
+    return sums
+
+
+def reduce_sums(sums, device):
+    """Sum a dict of scalars (tensors or numbers) over all ranks: one all-reduce."""
+    keys = sorted(sums)
+    vec = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=device) for k in keys])
+    dist.all_reduce(vec)
+    return dict(zip(keys, vec.tolist()))
