@@ -8,9 +8,9 @@ import data
 from conftest import PY, run_cmd
 
 
-def opd_error(tiny, *flags, yaml_text=None, tmp_path=None):
+def opd_error(tiny, *flags, yaml_text=None, tmp_path=None, teacher=None):
     args = [PY, "opd.py", "--pretrain", tiny["student"], "--teacher.model_name_or_path",
-            tiny["teacher"], "--data.file_name", tiny["train"], "--output_dir",
+            tiny["teacher"] if teacher is None else teacher, "--data.file_name", tiny["train"], "--output_dir",
             str(tmp_path / "run"), "--max_steps", "1"]
     if yaml_text is not None:
         cfg = tmp_path / "bad.yaml"
@@ -118,3 +118,16 @@ def test_teacher_with_another_vocabulary_is_refused(tiny, tmp_path):
     toy.save_pretrained(toy.build_model(other, seed=3), other, str(tmp_path / "alien"))
     err = opd_error(tiny, "--teacher.model_name_or_path", str(tmp_path / "alien"), tmp_path=tmp_path)
     assert "teacher 'default'" in err and "different vocabulary" in err
+
+
+def test_reward_configuration_errors(tiny, tmp_path):
+    err = opd_error(tiny, yaml_text="rewards: {}\n", tmp_path=tmp_path, teacher="")
+    assert "no teacher and no rewards" in err
+    err = opd_error(tiny, "--use_opd", yaml_text="rewards: {}\n", tmp_path=tmp_path)
+    assert "use_opd (mixed mode) needs at least one entry in rewards" in err
+    err = opd_error(tiny, yaml_text="domain_interleave_probs: {cod: 1.0}\n", tmp_path=tmp_path)
+    assert "domain_interleave_probs.cod: no reward named 'cod'" in err
+    err = opd_error(tiny, yaml_text="rewards:\n  m: {type: regex}\n", tmp_path=tmp_path)
+    assert "rewards.m.type: 'regex' is not one of math_rule, code_sandbox" in err
+    err = opd_error(tiny, "--global_template", "qwen9", tmp_path=tmp_path)
+    assert "global_template: unknown template 'qwen9'" in err
