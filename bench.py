@@ -35,7 +35,7 @@ def phase_table(steps, extra):
     step = mean["timing/step_s"]
     print(f"\nOPD step, 2 ranks, mean of steps 2..{steps} (toy default config)")
     print("| phase | seconds | share of step |\n|---|---|---|")
-    for phase in ("rollout", "teacher", "train", "sync"):
+    for phase in ("rollout", "reward", "teacher", "train", "sync"):
         s = mean[f"timing/{phase}_s"]
         print(f"| {phase} | {s:.3f} | {100 * s / step:.1f}% |")
     print(f"| step | {step:.3f} | 100% |")

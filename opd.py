@@ -11,9 +11,9 @@ weights are streamed into vLLM and the next step samples from them.
     python opd.py --max_steps 5 --output_dir runs/x --student_train.lr 1e-4
     python opd.py --help                              # every field, with its docstring
 
-This file owns the config schema, distributed init, building the pieces, the step loop
-(rollout -> teacher -> loss -> FSDP2 step -> weight sync -> log/checkpoint), logging and
-checkpoints. Not a framework: fork it.
+This file owns the config schema, distributed init, building the pieces, and the step
+loop (rollout -> rewards -> teacher -> loss + FSDP2 step -> weight sync -> log, validate,
+checkpoint) with its logging. Not a framework: fork it.
 """
 
 import dataclasses
@@ -225,10 +225,8 @@ def check_config(cfg, world):
                                      f"(domains are reward names: {', '.join(cfg.rewards)})")
     data.check_templates(cfg.global_template, cfg.tag_to_template)
     for where, path in (("pretrain", cfg.pretrain), ("teacher.model_name_or_path", cfg.teacher.model_name_or_path)):
-        if where.startswith("teacher") and not path:
-            continue
-        if path.startswith(toy.TOY_DIR):
-            continue  # the toy world is built on first use
+        if not path or path.startswith(toy.TOY_DIR):
+            continue  # no teacher (plain RL), or the toy world, built on first use
         hub_id = not os.path.exists(path) and path.count("/") == 1 and not path.startswith(("/", "."))
         if not hub_id and not os.path.isfile(os.path.join(path, "config.json")):
             raise config.ConfigError(f"{where}: {path!r} is not a model directory (no config.json there)")
@@ -350,6 +348,11 @@ def main(cfg):
                             if cfg.validation.file_name and cfg.validation.eval_steps else ([], []))
     for note in notes + val_notes:
         banner(f"data: {note}")
+    reward_cfgs = {name: (r.type, r.tag_included) for name, r in cfg.rewards.items()}
+    try:  # a record that a reward cannot score stops the run now, not mid-run
+        rewards.check_records(reward_cfgs, [rec for _, rec in items + val_items])
+    except ValueError as e:
+        raise data.DataError(f"data: {e}") from None
 
     # ---- models: vLLM engine first (on GPU its memory check wants an empty device),
     # then the student (FSDP2, trained) and the teacher (FSDP2, forward only)
@@ -367,7 +370,6 @@ def main(cfg):
         "default", tc.model_name_or_path, device=device, dtype=DTYPES[tc.dtype],
         attn_implementation=cfg.student_train.attn_implementation, coef=tc.opd_kl_coef,
         tag_included=tc.tag_included, micro_batch_size=tc.micro_batch_size)] if tc.model_name_or_path else []
-    reward_cfgs = {name: (r.type, r.tag_included) for name, r in cfg.rewards.items()}
     mode = "plain RL" if not teachers else "mixed (RL + OPD)" if cfg.use_opd else "pure OPD"
     logger = Logger(cfg.output_dir, rank == 0)
     banner(f"opd: {mode}, {world} rank(s) on {device}, {len(items)} prompts, output in {cfg.output_dir}")

@@ -317,15 +317,30 @@ REWARD_FNS = {"math_rule": math_rule_reward, "code_sandbox": code_sandbox_reward
 _RECORD_FIELD = {"math_rule": "ground_truth", "code_sandbox": "test_cases"}
 
 
-def score(kind: str, response: str, record: dict) -> float:
-    """The `kind` reward of `response` for a seed-format `record` (math_rule reads
-    ``ground_truth``, code_sandbox reads ``test_cases``)."""
+def check_record(kind: str, record: dict):
+    """Raise ValueError if `record` lacks what the `kind` reward reads (math_rule:
+    ``ground_truth``, code_sandbox: ``test_cases``); the trainer calls it at start-up."""
     if kind not in REWARD_FNS:
         raise ValueError(f"unknown reward type {kind!r}; known: {', '.join(REWARD_FNS)}")
     field = _RECORD_FIELD[kind]
     if record.get(field) in (None, ""):
-        raise ValueError(f"{kind} reward: record {record.get('id', '?')!r} has no '{field}'")
-    return REWARD_FNS[kind](response, record[field])
+        raise ValueError(f"{kind} reward: record {record.get('id', '?')!r} (tag "
+                         f"{record.get('tag', '')!r}) has no '{field}'")
+
+
+def check_records(reward_cfgs: dict, records: list[dict]):
+    """`check_record` for every record and every reward ({name: (type, tag_included)})
+    that covers its tag."""
+    for kind, tags in reward_cfgs.values():
+        for rec in records:
+            if not tags or rec.get("tag", "") in tags:
+                check_record(kind, rec)
+
+
+def score(kind: str, response: str, record: dict) -> float:
+    """The `kind` reward of `response` for a seed-format `record`."""
+    check_record(kind, record)
+    return REWARD_FNS[kind](response, record[_RECORD_FIELD[kind]])
 
 
 def score_samples(reward_cfgs: dict, texts: list[str], records: list[dict], max_workers: int | None = None):

@@ -131,3 +131,14 @@ def test_reward_configuration_errors(tiny, tmp_path):
     assert "rewards.m.type: 'regex' is not one of math_rule, code_sandbox" in err
     err = opd_error(tiny, "--global_template", "qwen9", tmp_path=tmp_path)
     assert "global_template: unknown template 'qwen9'" in err
+
+
+def test_record_a_reward_cannot_score_stops_the_run_at_start(tiny, tmp_path):
+    bad = tmp_path / "code.jsonl"
+    bad.write_text("\n".join(json.dumps({"id": f"c{i}", "prompt": "write code", "tag": "code",
+                                         "test_cases": "" if i == 3 else "assert True"})
+                             for i in range(8)) + "\n")
+    err = opd_error(tiny, "--data.file_name", str(bad), "--rollout_batch_size", "2",
+                    yaml_text="rewards:\n  code: {type: code_sandbox, tag_included: [code]}\n",
+                    tmp_path=tmp_path)
+    assert "code_sandbox reward: record 'c3' (tag 'code') has no 'test_cases'" in err

