@@ -29,6 +29,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from fractions import Fraction
 
 from sandbox import ISOLATION, run_sandboxed  # noqa: F401  (ISOLATION: re-exported for the README)
 
@@ -80,6 +81,9 @@ def math_rule_reward(response: str, ground_truth: str, *, timeout_s: float = MAT
         gold = last_boxed(ground_truth) if "\\boxed" in ground_truth else ground_truth.strip().strip("$")
         if not answer or not answer.strip() or not gold:
             return 0.0
+        exact = _as_fraction(answer), _as_fraction(gold)
+        if None not in exact:  # two numeric literals: exact rational equality, no sympy
+            return float(exact[0] == exact[1])
         key = (answer, gold)
         if key not in _verdicts:  # answers repeat a lot across samples and steps
             if threading.current_thread() is threading.main_thread():
@@ -94,6 +98,16 @@ def math_rule_reward(response: str, ground_truth: str, *, timeout_s: float = MAT
         return 0.0
 
 
+def _as_fraction(text: str):
+    """`text` as an exact rational if it is a plain numeric literal ("68", "-0.50",
+    "1e3"), else None. Such answers are most of a math batch and need no parser."""
+    try:
+        return Fraction(text.strip()) if _NUMBER.fullmatch(text.strip()) else None
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 _verdicts: dict = {}  # (answer, gold) -> equal; a timed-out check raises and is not cached
 _MAX_VERDICTS = 100_000
 

@@ -355,3 +355,12 @@ def test_cannot_kill_the_trainer(hostile, code):
         canary.kill()
         canary.wait()
     # and we, the trainer, are obviously still here to check it
+
+
+def test_numeric_literals_take_the_exact_fast_path():
+    # plain numbers compare as exact rationals without sympy; anything else falls through
+    assert R._as_fraction("68.0") == R._as_fraction("68") and R._as_fraction("1e3") == 1000
+    assert R._as_fraction("\\frac{1}{2}") is None and R._as_fraction("1/2") is None
+    assert R.math_rule_reward("\\boxed{68.0}", "68") == 1.0
+    assert R.math_rule_reward("\\boxed{0.1}", "0.10000000000000001") == 0.0  # exact, not float
+    assert R.math_rule_reward("\\boxed{0.5}", "\\frac{1}{2}") == 1.0    # via math-verify
