@@ -62,3 +62,20 @@ def test_domain_without_data_is_an_error():
     with pytest.raises(data.DataError, match="domain_interleave_probs.code"):
         data.PromptBatches(items, 4, seed=0, domains={"math": list(range(10)), "code": []},
                            domain_probs={"math": 0.5, "code": 0.5})
+
+
+def test_prompts_no_teacher_and_no_reward_handle_are_counted_and_dropped(tmp_path):
+    import json
+
+    from conftest import ROOT  # noqa: F401  (puts the repo on sys.path)
+    import toy
+
+    recs = [{"prompt": f"q{i}", "tag": t} for i, t in enumerate(["math", "code", "poetry", "poetry"])]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    tok = toy.build_tokenizer(["q0 q1 q2 q3 math code poetry"] * 20, vocab_size=280)
+    items, notes = data.load_prompts([str(path)], tok, 64, users=[["math"], ["code"]])
+    assert [rec["tag"] for _, rec in items] == ["math", "code"]
+    assert len(notes) == 1 and "skipped 2 records" in notes[0] and "['poetry']" in notes[0]
+    items, notes = data.load_prompts([str(path)], tok, 64, users=[["math"], []])  # [] = all tags
+    assert len(items) == 4 and notes == []
