@@ -279,8 +279,11 @@ def test_huge_output(hostile, code):
 @needs_root
 def test_cannot_write_trainer_files(hostile):
     # one directory outside /tmp (which the sandbox sees as it is), one inside (which it
-    # sees replaced by a private tmpfs); both root-owned, mode 755 like a run directory
-    dirs = [tempfile.mkdtemp(prefix=".sandbox-write-test-", dir=ROOT), tempfile.mkdtemp()]
+    # sees replaced by a private tmpfs); both root-owned, mode 755 like a run directory.
+    # The repo itself may live under /tmp (a CI clone): then use /var/lib for the first.
+    covered = ("/tmp/", "/var/tmp/", "/dev/shm/", "/run/")
+    outside = ROOT if not (ROOT + "/").startswith(covered) else "/var/lib"
+    dirs = [tempfile.mkdtemp(prefix=".sandbox-write-test-", dir=outside), tempfile.mkdtemp()]
     try:
         for d in dirs:
             os.chmod(d, 0o755)
@@ -292,7 +295,7 @@ def test_cannot_write_trainer_files(hostile):
         r = S.run_sandboxed(f"open({os.path.join(dirs[0], 'f')!r}, 'w')")
         assert "PermissionError" in r.stderr  # it saw the directory; permissions stopped it
         for target in (os.path.join(ROOT, "rewards.py"), os.path.join(ROOT, "README.md")):
-            before = open(target).read()
+            before = open(target).read()  # (hidden from it when the repo is under /tmp)
             hostile(f"open({target!r}, 'a').write('pwned')\nprint('ok')", [{"stdin": "", "stdout": "ok"}])
             assert open(target).read() == before
     finally:
