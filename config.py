@@ -6,13 +6,21 @@ is not a field is an error that names the file and the dotted key and suggests t
 closest field; a value of the wrong type names its key too. The schema itself (the
 dataclasses and their docstrings, which are the --help) lives in opd.py.
 
+Also owns the start-up checks of a parsed config (`check_config`, `check_lengths`) and
+the rule that the toy world's teacher and validation split are defaults for the toy
+student only (`apply_toy_defaults`).
+
 Simplified: no config composition, no interpolation, no includes.
 """
 
 import dataclasses
 import difflib
+import os
 import typing
 from typing import Literal
+
+import data
+import toy
 
 
 class ConfigError(ValueError):
@@ -59,7 +67,7 @@ def _coerce(val, typ, where):
     return typ(val)
 
 
-def parse(config_cls, argv, description=None):
+def parse(config_cls, argv, description=None, normalize=None):
     """--config YAML (if any) gives the defaults; every other flag overrides them."""
     import tyro
     import yaml
@@ -75,7 +83,66 @@ def parse(config_cls, argv, description=None):
                 raise ConfigError(f"--config: cannot read {path!r}: {e.strerror}") from None
             except yaml.YAMLError as e:
                 raise ConfigError(f"--config: {path} is not valid YAML: {e}") from None
-            default = from_dict(config_cls, values, path)
+            default = from_dict(config_cls, normalize(values) if normalize else values, path)
             default.config = path
     return tyro.cli(config_cls, args=argv, default=default, use_underscores=True,
                     description=description)
+
+
+def apply_toy_defaults(cfg):
+    """The toy teacher and validation split are defaults for the toy world only: a config
+    that brings its own student and names no teacher trains with plain RL (as in the
+    seed: no teacher configured = RL), and its own data has no validation by default."""
+    defaults = type(cfg)()
+    if cfg.teacher == defaults.teacher and cfg.pretrain != defaults.pretrain:
+        cfg.teacher = {}
+    cfg.teacher = {n: t for n, t in cfg.teacher.items() if t.model_name_or_path}  # '' = none
+    if cfg.validation.file_name == defaults.validation.file_name and cfg.data.file_name != defaults.data.file_name:
+        cfg.validation.file_name = []
+
+
+def check_config(cfg, world):
+    tp = cfg.student_infer.tensor_parallel_size
+    if world % tp:
+        raise ConfigError(f"student_infer.tensor_parallel_size={tp} does not divide the world size {world}")
+    if cfg.rollout_batch_size % world:
+        raise ConfigError(f"rollout_batch_size={cfg.rollout_batch_size} must be a multiple of the "
+                          f"number of ranks ({world})")
+    for name in ("rollout_batch_size", "num_return_sequences_in_group", "prompt_length",
+                 "response_length", "max_steps"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    for where, dt in (("student_train.dtype", cfg.student_train.dtype),
+                      ("student_infer.dtype", cfg.student_infer.dtype),
+                      *((f"teacher.{n}.dtype", t.dtype) for n, t in cfg.teacher.items())):
+        if dt not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"{where}: {dt!r} is not one of float32, bfloat16, float16")
+    for name, t in cfg.teacher.items():
+        if any(not 0 <= r < world for r in t.device_mapping):
+            raise ConfigError(f"teacher.{name}.device_mapping: {t.device_mapping} has ranks "
+                                     f"outside the world of {world}")
+    if not cfg.teacher and not cfg.rewards:
+        raise ConfigError("no teacher and no rewards: nothing to learn from")
+    if cfg.use_opd and not cfg.rewards:
+        raise ConfigError("use_opd (mixed mode) needs at least one entry in rewards")
+    for name in cfg.domain_interleave_probs:
+        if name not in cfg.rewards:
+            raise ConfigError(f"domain_interleave_probs.{name}: no reward named '{name}' "
+                                     f"(domains are reward names: {', '.join(cfg.rewards)})")
+    data.check_templates(cfg.global_template, cfg.tag_to_template)
+    for where, path in (("pretrain", cfg.pretrain), *((f"teacher.{n}.model_name_or_path", t.model_name_or_path)
+                                                      for n, t in cfg.teacher.items())):
+        if not path or path.startswith(toy.TOY_DIR):
+            continue  # no teacher (plain RL), or the toy world, built on first use
+        hub_id = not os.path.exists(path) and path.count("/") == 1 and not path.startswith(("/", "."))
+        if not hub_id and not os.path.isfile(os.path.join(path, "config.json")):
+            raise ConfigError(f"{where}: {path!r} is not a model directory (no config.json there)")
+
+
+def check_lengths(cfg):
+    from transformers import AutoConfig
+
+    n_pos = AutoConfig.from_pretrained(cfg.pretrain).max_position_embeddings
+    if cfg.prompt_length + cfg.response_length > n_pos:
+        raise ConfigError(f"prompt_length + response_length = {cfg.prompt_length + cfg.response_length} "
+                          f"exceeds the student's max_position_embeddings ({n_pos})")

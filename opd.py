@@ -103,6 +103,8 @@ class TeacherConfig:
     """Teacher compute dtype (float32 | bfloat16)."""
     micro_batch_size: int = 32
     """Sequences per teacher forward on one rank."""
+    device_mapping: list[int] = field(default_factory=list)
+    """Global ranks that hold and run this teacher (FSDP2 over them); empty = all ranks."""
 
 
 @dataclass
@@ -138,7 +140,9 @@ class Config:
     """YAML preset to start from; flags given after it override its values."""
     pretrain: str = os.path.join(toy.TOY_DIR, "student")
     """HF-format directory of the initial student (for student_train and student_infer)."""
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    teacher: dict[str, TeacherConfig] = field(default_factory=lambda: {"default": TeacherConfig()})
+    """Teachers by name. YAML may give one teacher's fields directly (it is then named
+    'default', and --teacher.<field> flags address it); {} = no teacher (plain RL)."""
     data: Data = field(default_factory=Data)
     student_train: StudentTrain = field(default_factory=StudentTrain)
     student_infer: StudentInfer = field(default_factory=StudentInfer)
@@ -157,7 +161,7 @@ class Config:
     whose tags include its tag. Pure OPD logs them only (reward/<tag>/mean)."""
     use_opd: bool = False
     """Mixed mode: advantage = RL advantage from the rewards - sum of teacher KL terms.
-    With teacher.model_name_or_path '' (no teacher) training is plain RL."""
+    With no teacher (teacher: {}) training is plain RL."""
     adv_estimator: Literal["grpo", "reinforce"] = "grpo"
     """RL advantage from rewards (mixed mode, plain RL): group-normalised or raw."""
     global_template: str = "native"
@@ -186,59 +190,21 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def parse_config(argv):
-    return config.parse(Config, argv, description=__doc__.split("\n\n")[0])
+    """--teacher.<field> addresses the single teacher 'default' (--teacher.default.<field>)."""
+    fields = {f.name for f in dataclasses.fields(TeacherConfig)}
+    argv = [f"--teacher.default.{a[10:]}" if a.startswith("--teacher.") and a[10:].split("=")[0] in fields
+            else a for a in argv]
+    return config.parse(Config, argv, description=__doc__.split("\n\n")[0], normalize=one_teacher)
 
 
-def apply_toy_defaults(cfg):
-    """The toy teacher and validation split are defaults for the toy world only: a config
-    that brings its own student and names no teacher trains with plain RL (as in the
-    seed: no teacher configured = RL), and its own data has no validation by default."""
-    if cfg.teacher.model_name_or_path == TeacherConfig().model_name_or_path != "" and \
-            cfg.pretrain != Config().pretrain:
-        cfg.teacher.model_name_or_path = ""
-    if cfg.validation.file_name == Validation().file_name and cfg.data.file_name != Data().file_name:
-        cfg.validation.file_name = []
-
-
-def check_config(cfg, world):
-    tp = cfg.student_infer.tensor_parallel_size
-    if world % tp:
-        raise config.ConfigError(f"student_infer.tensor_parallel_size={tp} does not divide the world size {world}")
-    if cfg.rollout_batch_size % world:
-        raise config.ConfigError(f"rollout_batch_size={cfg.rollout_batch_size} must be a multiple of the "
-                          f"number of ranks ({world})")
-    for name in ("rollout_batch_size", "num_return_sequences_in_group", "prompt_length",
-                 "response_length", "max_steps"):
-        if getattr(cfg, name) < 1:
-            raise config.ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    for where, dt in (("student_train.dtype", cfg.student_train.dtype),
-                      ("student_infer.dtype", cfg.student_infer.dtype), ("teacher.dtype", cfg.teacher.dtype)):
-        if dt not in DTYPES:
-            raise config.ConfigError(f"{where}: {dt!r} is not one of {', '.join(DTYPES)}")
-    if not cfg.teacher.model_name_or_path and not cfg.rewards:
-        raise config.ConfigError("no teacher and no rewards: nothing to learn from")
-    if cfg.use_opd and not cfg.rewards:
-        raise config.ConfigError("use_opd (mixed mode) needs at least one entry in rewards")
-    for name in cfg.domain_interleave_probs:
-        if name not in cfg.rewards:
-            raise config.ConfigError(f"domain_interleave_probs.{name}: no reward named '{name}' "
-                                     f"(domains are reward names: {', '.join(cfg.rewards)})")
-    data.check_templates(cfg.global_template, cfg.tag_to_template)
-    for where, path in (("pretrain", cfg.pretrain), ("teacher.model_name_or_path", cfg.teacher.model_name_or_path)):
-        if not path or path.startswith(toy.TOY_DIR):
-            continue  # no teacher (plain RL), or the toy world, built on first use
-        hub_id = not os.path.exists(path) and path.count("/") == 1 and not path.startswith(("/", "."))
-        if not hub_id and not os.path.isfile(os.path.join(path, "config.json")):
-            raise config.ConfigError(f"{where}: {path!r} is not a model directory (no config.json there)")
-
-
-def check_lengths(cfg):
-    from transformers import AutoConfig
-
-    n_pos = AutoConfig.from_pretrained(cfg.pretrain).max_position_embeddings
-    if cfg.prompt_length + cfg.response_length > n_pos:
-        raise config.ConfigError(f"prompt_length + response_length = {cfg.prompt_length + cfg.response_length} "
-                          f"exceeds the student's max_position_embeddings ({n_pos})")
+def one_teacher(values):
+    """YAML: a `teacher` mapping with teacher fields is one teacher, named 'default'."""
+    t = values.get("teacher", "absent")
+    if t is None:
+        values["teacher"] = {}
+    elif isinstance(t, dict) and set(t) & {f.name for f in dataclasses.fields(TeacherConfig)}:
+        values["teacher"] = {"default": t}
+    return values
 
 
 # ----------------------------------------------------------------------------------------
@@ -308,7 +274,7 @@ def banner(msg):
 def main(cfg):
     rank, world, device = init_distributed(cfg.device)
     tp = cfg.student_infer.tensor_parallel_size
-    check_lengths(cfg)
+    config.check_lengths(cfg)
 
     # ---- output dir: one name for all ranks, never clobbering an earlier run
     stamp = [datetime.datetime.now().strftime("%Y%m%d-%H%M%S")]
@@ -332,7 +298,7 @@ def main(cfg):
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.pretrain)
     users = [r.tag_included for r in cfg.rewards.values()]  # tag lists of what can use a prompt
-    users += [cfg.teacher.tag_included] if cfg.teacher.model_name_or_path else []
+    users += [t.tag_included for t in cfg.teacher.values()]
     load = lambda files, users: data.load_prompts(files, tokenizer, cfg.prompt_length,
                                                   cfg.global_template, cfg.tag_to_template, users)
     items, notes = load(cfg.data.file_name, users)
@@ -357,19 +323,24 @@ def main(cfg):
     # ---- models: vLLM engine first (on GPU its memory check wants an empty device),
     # then the student (FSDP2, trained) and the teacher (FSDP2, forward only)
     torch.manual_seed(cfg.seed)
-    si, tc = cfg.student_infer, cfg.teacher
-    if tc.model_name_or_path:
-        teachers_lib.check_vocab(cfg.pretrain, tc.model_name_or_path, "default")
+    si = cfg.student_infer
+    for name, tc in cfg.teacher.items():
+        teachers_lib.check_vocab(cfg.pretrain, tc.model_name_or_path, name)
+        if tc.tag_included and not set(tc.tag_included) & set(all_tags):
+            banner(f"warning: teacher '{name}' routes no sample: none of its tags {tc.tag_included} "
+                   f"is in the data ({all_tags})")
     llm = rollout.make_engine(
         cfg.pretrain, dtype=si.dtype, tensor_parallel_size=tp, seed=cfg.seed,
         max_model_len=cfg.prompt_length + cfg.response_length,
         gpu_memory_utilization=si.gpu_memory_utilization, enforce_eager=si.enforce_eager,
         kv_cache_gib=si.kv_cache_gib, enable_sleep_mode=si.sleep and device != "cpu")
     student, opt, sched = student_lib.build_student(cfg.pretrain, cfg.student_train, device)
-    teachers = [teachers_lib.load_teacher(
-        "default", tc.model_name_or_path, device=device, dtype=DTYPES[tc.dtype],
+    teachers = [teachers_lib.load_teacher(  # in config order on every rank: groups are collective
+        name, tc.model_name_or_path, device=device, dtype=DTYPES[tc.dtype], ranks=tc.device_mapping,
         attn_implementation=cfg.student_train.attn_implementation, coef=tc.opd_kl_coef,
-        tag_included=tc.tag_included, micro_batch_size=tc.micro_batch_size)] if tc.model_name_or_path else []
+        tag_included=tc.tag_included, micro_batch_size=tc.micro_batch_size)
+        for name, tc in cfg.teacher.items()]
+    tag_ids = {tag: i for i, tag in enumerate(all_tags)}
     mode = "plain RL" if not teachers else "mixed (RL + OPD)" if cfg.use_opd else "pure OPD"
     logger = Logger(cfg.output_dir, rank == 0)
     banner(f"opd: {mode}, {world} rank(s) on {device}, {len(items)} prompts, output in {cfg.output_dir}")
@@ -413,7 +384,7 @@ def main(cfg):
 
         # ---- 3. teacher scoring of every sampled token
         t0 = time.perf_counter()
-        teacher_logps, routed = teachers_lib.score(teachers, batch)
+        teacher_logps, routed, t_each = teachers_lib.score(teachers, batch, tag_ids)
         t_teacher = time.perf_counter() - t0
 
         # ---- 4. advantage, loss, FSDP2 backward and optimizer step
@@ -435,8 +406,12 @@ def main(cfg):
         validation.per_tag_sums(sums, "reward", reward, scored, batch.tags, all_tags)
         g = student_lib.reduce_sums(sums, device)
         step_s = time.perf_counter() - t_step
-        rss = torch.tensor(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, device=device)
-        dist.all_reduce(rss, op=dist.ReduceOp.MAX)
+        for t in teachers:
+            sums[f"routed/{t.name}"] = routed[t.name].sum()
+        peaks = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                              *(t_each[t.name] for t in teachers)], device=device)
+        dist.all_reduce(peaks, op=dist.ReduceOp.MAX)  # memory and per-teacher time: the max rank
+        rss, t_each = peaks[0].item(), dict(zip([t.name for t in teachers], peaks[1:].tolist()))
         metrics = {
             "train/reverse_kl": g["kl"] / g["tokens"],
             "train/loss": g["loss"],
@@ -445,13 +420,15 @@ def main(cfg):
             "train/clip_frac": g["clip"] / g["tokens"],
             "train/response_len": g["tokens"] / g["seqs"],
             "train/lr": sched.get_last_lr()[0],
-            **{f"teacher/{t.name}/reverse_kl": g[f"kl/{t.name}"] / max(g[f"tokens/{t.name}"], 1)
-               for t in teachers},
+            **{k: v for t in teachers for k, v in (
+                (f"teacher/{t.name}/reverse_kl", g[f"kl/{t.name}"] / max(g[f"tokens/{t.name}"], 1)),
+                (f"teacher/{t.name}/routed_frac", g[f"routed/{t.name}"] / g["seqs"]),
+                (f"timing/teacher/{t.name}_s", t_each[t.name]))},
             **validation.per_tag_means(g, "reward", "mean", all_tags),
             "timing/rollout_s": t_rollout, "timing/reward_s": t_reward, "timing/teacher_s": t_teacher,
             "timing/train_s": t_train, "timing/sync_s": t_sync, "timing/step_s": step_s,
             "throughput/tokens_per_s": g["all_tokens"] / step_s,
-            "memory/peak_rss_gib": rss.item(),
+            "memory/peak_rss_gib": rss,
         }
         examples = []
         if val_items and (step % cfg.validation.eval_steps == 0 or step == cfg.max_steps):
@@ -477,7 +454,8 @@ def main(cfg):
 
 def prepare_toy_world(cfg):
     """Build the toy world once if the config points into it and it is missing."""
-    paths = [cfg.pretrain, cfg.teacher.model_name_or_path, *cfg.data.file_name, *cfg.validation.file_name]
+    paths = [cfg.pretrain, *(t.model_name_or_path for t in cfg.teacher.values()), *cfg.data.file_name,
+             *cfg.validation.file_name]
     if any(p.startswith(toy.TOY_DIR) and not os.path.exists(p) for p in paths):
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
             toy.prepare()
@@ -489,8 +467,8 @@ def prepare_toy_world(cfg):
 if __name__ == "__main__":
     try:
         cfg = parse_config(sys.argv[1:])
-        apply_toy_defaults(cfg)
-        check_config(cfg, world=int(os.environ.get("WORLD_SIZE", "1")))
+        config.apply_toy_defaults(cfg)
+        config.check_config(cfg, world=int(os.environ.get("WORLD_SIZE", "1")))
         prepare_toy_world(cfg)
         main(cfg)
     except (config.ConfigError, data.DataError, teachers_lib.TeacherError) as e:

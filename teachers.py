@@ -8,20 +8,21 @@ Owns
   * `score`         every teacher's logprob of every sampled response token, plus the
                     routed mask per teacher, in the layout `loss.opd_advantages` takes.
 
-Knows nothing about optimizers. Simplified (for now): every teacher is sharded over all
-ranks, so each rank scores its own samples locally and several teachers score in turn.
-Teachers on their own rank groups (scoring in parallel, samples moved between groups)
-come with multi-teacher placement; the FSDP2 group is already a parameter here.
+Knows nothing about optimizers. Each teacher lives on its own group of ranks
+(`device_mapping`); teachers on disjoint groups score at the same time, teachers sharing
+ranks score in turn on them. Simplified: samples reach a sub-group teacher through one
+world-wide all-gather of the whole batch (simple, tensor-only; not the minimal traffic).
 """
 
 import math
+import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from rollout import response_logp
+from rollout import Rollout, response_logp
 
 
 class TeacherError(ValueError):
@@ -31,15 +32,20 @@ class TeacherError(ValueError):
 @dataclass
 class Teacher:
     name: str
-    model: torch.nn.Module
+    model: torch.nn.Module = None  # None on the ranks that do not hold this teacher
     coef: float = 1.0             # opd_kl_coef: weight of this teacher's KL in the advantage
     tag_included: list = field(default_factory=list)  # empty = every tag
     micro_batch_size: int = 8
-    group: object = None          # process group of the ranks that hold the teacher
+    ranks: list = None            # global ranks that hold it (device_mapping); None = all
+    group: object = None          # their process group
 
     def routes(self, tags):
         """Bool tensor [B]: which of these samples this teacher scores."""
         return torch.tensor([not self.tag_included or t in self.tag_included for t in tags])
+
+    @property
+    def everywhere(self):
+        return self.ranks is None or len(self.ranks) == dist.get_world_size()
 
 
 def check_vocab(student_path, teacher_path, name):
@@ -69,15 +75,20 @@ def check_vocab(student_path, teacher_path, name):
             f"tokenizer has {len(s_tok)} tokens")
 
 
-def load_teacher(name, path, *, device, dtype, group=None, attn_implementation="sdpa", **kw):
-    """Load a teacher and shard it with FSDP2 over `group` (default: all ranks)."""
+def load_teacher(name, path, *, device, dtype, ranks=None, attn_implementation="sdpa", **kw):
+    """Load a teacher on the ranks in `ranks` (its device_mapping; None = all) and shard
+    it with FSDP2 over them. Every rank must call this (creating the group is
+    collective); the others get a Teacher without a model and never read the weights."""
     from torch.distributed.device_mesh import DeviceMesh
     from transformers import AutoModelForCausalLM
 
+    ranks = sorted(ranks) if ranks else list(range(dist.get_world_size()))
+    group = dist.group.WORLD if len(ranks) == dist.get_world_size() else dist.new_group(ranks)
+    if dist.get_rank() not in ranks:
+        return Teacher(name=name, ranks=ranks, group=group, **kw)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
                                                  attn_implementation=attn_implementation)
     model.eval().requires_grad_(False)
-    group = group or dist.group.WORLD
     mesh = DeviceMesh.from_group(group, device_type=torch.device(device).type)
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     # Forward only: reshard after every block so at most one block is ever gathered.
@@ -85,30 +96,81 @@ def load_teacher(name, path, *, device, dtype, group=None, attn_implementation="
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
     model.to(device)  # after sharding: the device only ever holds this rank's shard
-    return Teacher(name=name, model=model, group=group, **kw)
+    return Teacher(name=name, model=model, ranks=ranks, group=group, **kw)
 
 
 @torch.no_grad()  # not inference_mode: FSDP2 on a 1-rank mesh fails under it
-def score(teachers, batch):
-    """Score `batch` (a Rollout on the model's device) with every teacher.
+def score(teachers, batch, tag_ids):
+    """Score `batch` (this rank's Rollout, on the model's device) with every teacher.
 
-    Returns (teacher_logps, routed): dicts name -> [B, R] logprobs (0 where not routed)
-    and name -> bool [B]. A teacher runs forward only on the samples routed to it; all
-    ranks of its group run the same number of micro-batches (FSDP2 gathers are
-    collectives), padding with a dummy one-token forward where a rank has fewer."""
-    teacher_logps, routed = {}, {}
+    Returns (teacher_logps, routed, seconds): dicts name -> [B, R] logprobs (0 where not
+    routed), name -> bool [B], and name -> this rank's forward time (0 if it does not
+    hold the teacher). A teacher on all ranks scores each rank's own samples in place.
+    A teacher on a subset of ranks needs the samples moved: every rank's batch is
+    all-gathered once (tensors only; tags travel as ids from `tag_ids`), each member of
+    the teacher's group scores its share of the routed samples, and a sum all-reduce
+    hands every owner its rows back. Teachers on disjoint groups thus run at the same
+    time; a rank holding several runs them in turn."""
+    everyone = None
+    teacher_logps, routed, seconds = {}, {}, {}
     for t in teachers:
-        mask = t.routes(batch.tags).to(batch.input_ids.device)
-        idx = mask.nonzero().squeeze(-1)
-        out = torch.zeros_like(batch.rollout_logp)
-        n_micro = torch.tensor(math.ceil(len(idx) / t.micro_batch_size),
-                               device=batch.input_ids.device)
-        dist.all_reduce(n_micro, op=dist.ReduceOp.MAX, group=t.group)
-        for i in range(int(n_micro)):
-            mb_idx = idx[i * t.micro_batch_size:(i + 1) * t.micro_batch_size]
-            if len(mb_idx):
-                out[mb_idx] = response_logp(t.model, batch.select(mb_idx))
-            else:
-                t.model(input_ids=batch.input_ids[:1, :1])  # keep the group's collectives in step
-        teacher_logps[t.name], routed[t.name] = out, mask
-    return teacher_logps, routed
+        routed[t.name] = t.routes(batch.tags).to(batch.input_ids.device)
+        t0 = time.perf_counter()
+        if t.everywhere:
+            out = torch.zeros_like(batch.rollout_logp)
+            _forward_rows(t, batch, routed[t.name].nonzero().squeeze(-1), out)
+        else:
+            everyone = everyone or _all_gather_batch(batch, tag_ids)
+            all_batch, all_tags = everyone
+            out_all = torch.zeros_like(all_batch.rollout_logp)
+            if t.model is not None:
+                idx = t.routes(all_tags).to(out_all.device).nonzero().squeeze(-1)
+                share = idx.tensor_split(len(t.ranks))[t.ranks.index(dist.get_rank())]
+                _forward_rows(t, all_batch, share, out_all)
+            dist.all_reduce(out_all)  # non-members add zeros
+            B, R = batch.rollout_logp.shape
+            out = out_all[dist.get_rank() * B:(dist.get_rank() + 1) * B, :R]
+        seconds[t.name] = time.perf_counter() - t0 if t.model is not None else 0.0
+        teacher_logps[t.name] = out * routed[t.name][:, None]
+    return teacher_logps, routed, seconds
+
+
+def _forward_rows(t, batch, idx, out):
+    """out[idx] = the teacher's logprobs of those rows, in micro-batches; every rank of the
+    teacher's group runs the same number of forwards (FSDP2 gathers are collectives),
+    padding with a dummy one-token forward where a rank has fewer."""
+    n_micro = torch.tensor(math.ceil(len(idx) / t.micro_batch_size), device=out.device)
+    dist.all_reduce(n_micro, op=dist.ReduceOp.MAX, group=t.group)
+    for i in range(int(n_micro)):
+        mb_idx = idx[i * t.micro_batch_size:(i + 1) * t.micro_batch_size]
+        if len(mb_idx):
+            out[mb_idx] = response_logp(t.model, batch.select(mb_idx))
+        else:
+            t.model(input_ids=batch.input_ids[:1, :1])
+
+
+def _all_gather_batch(batch, tag_ids):
+    """Every rank's Rollout, concatenated in rank order, padded to common lengths.
+
+    All ranks hold the same number of samples (equal shares of the global batch); prompt
+    and response lengths differ, so they are padded to the longest first."""
+    dev = batch.input_ids.device
+    R, P = batch.response_mask.shape[1], batch.prompt_len
+    sizes = torch.tensor([P, R], device=dev)
+    dist.all_reduce(sizes, op=dist.ReduceOp.MAX)
+    Pm, Rm = sizes.tolist()
+    pad = lambda x, left, right: torch.nn.functional.pad(x, (left, right))
+    ids = pad(batch.input_ids, Pm - P, Rm - R)
+    attn = pad(batch.attention_mask, Pm - P, Rm - R)
+    tags = torch.tensor([tag_ids[t] for t in batch.tags], device=dev)
+    flat = torch.cat([ids, attn, tags[:, None]], 1)
+    gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, flat)
+    flat = torch.cat(gathered)
+    L = Pm + Rm
+    names = {i: t for t, i in tag_ids.items()}
+    all_tags = [names[i] for i in flat[:, -1].tolist()]
+    resp_mask = flat[:, L + Pm:2 * L].float()
+    all_batch = Rollout(flat[:, :L], flat[:, L:2 * L], resp_mask, torch.zeros_like(resp_mask), Pm,
+                        torch.zeros(len(flat), dtype=torch.long, device=dev), all_tags)
+    return all_batch, all_tags

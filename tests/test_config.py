@@ -29,4 +29,21 @@ def test_help_shows_field_docstrings():
     r = run_cmd([PY, "opd.py", "--help"], timeout=120)
     assert r.returncode == 0
     assert "--student_train.lr" in r.stdout and "AdamW learning rate" in r.stdout
-    assert "--max_steps" in r.stdout and "--teacher.model_name_or_path" in r.stdout
+    assert "--max_steps" in r.stdout and "--teacher.default.model_name_or_path" in r.stdout
+
+
+def test_one_teacher_or_many(tmp_path):
+    # the issue-2 form: one teacher's fields directly, and --teacher.<field> flags for it
+    cfg = opd.parse_config(["--teacher.opd_kl_coef", "0.5"])
+    assert list(cfg.teacher) == ["default"] and cfg.teacher["default"].opd_kl_coef == 0.5
+    p = tmp_path / "one.yaml"
+    p.write_text("teacher:\n  model_name_or_path: /m\n  tag_included: [add]\n")
+    cfg = opd.parse_config(["--config", str(p)])
+    assert cfg.teacher["default"].model_name_or_path == "/m" and cfg.teacher["default"].tag_included == ["add"]
+    p.write_text("teacher:\n  math: {model_name_or_path: /a, tag_included: [add], device_mapping: [0]}\n"
+                 "  general: {model_name_or_path: /b, opd_kl_coef: 0.3, device_mapping: [1]}\n")
+    cfg = opd.parse_config(["--config", str(p), "--teacher.general.opd_kl_coef", "0.7"])
+    assert list(cfg.teacher) == ["math", "general"]
+    assert cfg.teacher["math"].device_mapping == [0] and cfg.teacher["general"].opd_kl_coef == 0.7
+    p.write_text("teacher: null\n")
+    assert opd.parse_config(["--config", str(p)]).teacher == {}
