@@ -402,12 +402,11 @@ def main(cfg):
         t_sync = time.perf_counter() - t0
 
         # ---- 6. log, validate, checkpoint
-        sums.update(seqs=len(batch), all_tokens=batch.attention_mask.sum())
+        sums.update(seqs=len(batch), all_tokens=batch.attention_mask.sum(),
+                    **{f"routed/{t.name}": routed[t.name].sum() for t in teachers})
         validation.per_tag_sums(sums, "reward", reward, scored, batch.tags, all_tags)
         g = student_lib.reduce_sums(sums, device)
         step_s = time.perf_counter() - t_step
-        for t in teachers:
-            sums[f"routed/{t.name}"] = routed[t.name].sum()
         peaks = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                               *(t_each[t.name] for t in teachers)], device=device)
         dist.all_reduce(peaks, op=dist.ReduceOp.MAX)  # memory and per-teacher time: the max rank
