@@ -3,7 +3,8 @@
     python bench.py                 # the toy world on 2 ranks (builds it on first use)
     python bench.py --steps 20      # more steps
 
-Prints two tables:
+Prints two tables (`--teachers`: a third, per-teacher scoring time for two teachers on
+disjoint vs shared ranks, and the teacher phase's share of the step):
   1. phase breakdown of `torchrun --nproc_per_node=2 opd.py` (the default config), mean
      over steps 2..N (step 1 pays one-off warm-up): rollout / teacher / train / sync, and
      each phase's share of the step;
@@ -25,13 +26,37 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 
 
-def phase_table(steps, extra):
+def run_opd(steps, extra):
+    """Mean metrics of steps 2..N of a 2-rank run (step 1 pays one-off warm-up)."""
     out = tempfile.mkdtemp(prefix="opd-bench-")
     cmd = [TORCHRUN, "--nproc_per_node=2", os.path.join(ROOT, "opd.py"), "--max_steps", str(steps),
-           "--output_dir", out, *extra]
+           "--output_dir", out, "--validation.eval_steps", "0", *extra]
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))][1:]
-    mean = {k: statistics.mean(r[k] for r in rows) for k in rows[0]}
+    return {k: statistics.mean(r[k] for r in rows) for k in rows[0]}
+
+
+def teacher_table(steps):
+    """Two teachers (the toy teacher as a math teacher for `add` and a general one for all
+    tags), placed on disjoint ranks (math on 0, general on 1) or both on both ranks."""
+    import toy
+
+    t = os.path.join(toy.TOY_DIR, "teacher")
+    print(f"\nTwo teachers, 2 ranks, mean of steps 2..{steps}")
+    print("| placement | math s | general s | teacher phase s | share of step |\n|---|---|---|---|---|")
+    for name, (a, b) in {"disjoint (math: rank 0, general: rank 1)": ([0], [1]),
+                         "overlapping (both on ranks 0, 1)": ([], [])}.items():
+        cfg = tempfile.mktemp(suffix=".yaml")
+        with open(cfg, "w") as f:
+            f.write(f"teacher:\n  math: {{model_name_or_path: {t}, tag_included: [add], device_mapping: {a}}}\n"
+                    f"  general: {{model_name_or_path: {t}, device_mapping: {b}}}\n")
+        m = run_opd(steps, ["--config", cfg])
+        print(f"| {name} | {m['timing/teacher/math_s']:.3f} | {m['timing/teacher/general_s']:.3f} | "
+              f"{m['timing/teacher_s']:.3f} | {100 * m['timing/teacher_s'] / m['timing/step_s']:.1f}% |")
+
+
+def phase_table(steps, extra):
+    mean = run_opd(steps, extra)
     step = mean["timing/step_s"]
     print(f"\nOPD step, 2 ranks, mean of steps 2..{steps} (toy default config)")
     print("| phase | seconds | share of step |\n|---|---|---|")
@@ -94,12 +119,16 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=10, help="OPD steps to time")
     ap.add_argument("--rounds", type=int, default=10, help="bare-vs-rollout generate rounds")
+    ap.add_argument("--teachers", action="store_true", help="only the two-teacher placement table")
     args, extra = ap.parse_known_args()
     sys.path.insert(0, ROOT)
     import toy
 
     toy.prepare()
     print(f"machine: {os.cpu_count()} CPU cores; torch threads per rank: 1 (torchrun default)")
+    if args.teachers:
+        teacher_table(args.steps)
+        sys.exit(0)
     phase_table(args.steps, extra)
     subprocess.run([TORCHRUN, "--nproc_per_node=2", os.path.abspath(__file__), "--rounds",
                     str(args.rounds)], check=True, cwd=ROOT, stderr=subprocess.DEVNULL)

@@ -111,28 +111,31 @@ def score(teachers, batch, tag_ids):
     the teacher's group scores its share of the routed samples, and a sum all-reduce
     hands every owner its rows back. Teachers on disjoint groups thus run at the same
     time; a rank holding several runs them in turn."""
-    everyone = None
+    everyone, moved = None, {}
     teacher_logps, routed, seconds = {}, {}, {}
-    for t in teachers:
+    for t in teachers:  # 1. each rank runs the teachers it holds, in config order
         routed[t.name] = t.routes(batch.tags).to(batch.input_ids.device)
         t0 = time.perf_counter()
         if t.everywhere:
-            out = torch.zeros_like(batch.rollout_logp)
-            _forward_rows(t, batch, routed[t.name].nonzero().squeeze(-1), out)
+            teacher_logps[t.name] = torch.zeros_like(batch.rollout_logp)
+            _forward_rows(t, batch, routed[t.name].nonzero().squeeze(-1), teacher_logps[t.name])
         else:
             everyone = everyone or _all_gather_batch(batch, tag_ids)
             all_batch, all_tags = everyone
-            out_all = torch.zeros_like(all_batch.rollout_logp)
+            moved[t.name] = torch.zeros_like(all_batch.rollout_logp)
             if t.model is not None:
-                idx = t.routes(all_tags).to(out_all.device).nonzero().squeeze(-1)
+                idx = t.routes(all_tags).to(batch.input_ids.device).nonzero().squeeze(-1)
                 share = idx.tensor_split(len(t.ranks))[t.ranks.index(dist.get_rank())]
-                _forward_rows(t, all_batch, share, out_all)
-            dist.all_reduce(out_all)  # non-members add zeros
-            B, R = batch.rollout_logp.shape
-            out = out_all[dist.get_rank() * B:(dist.get_rank() + 1) * B, :R]
+                _forward_rows(t, all_batch, share, moved[t.name])
         seconds[t.name] = time.perf_counter() - t0 if t.model is not None else 0.0
-        teacher_logps[t.name] = out * routed[t.name][:, None]
-    return teacher_logps, routed, seconds
+    if moved:  # 2. one sum all-reduce (non-members add zeros) returns every owner its rows;
+        # only now do ranks wait on each other, so disjoint groups ran at the same time
+        results = torch.stack(list(moved.values()))
+        dist.all_reduce(results)
+        B, R = batch.rollout_logp.shape
+        for name, out in zip(moved, results):
+            teacher_logps[name] = out[dist.get_rank() * B:(dist.get_rank() + 1) * B, :R]
+    return {t.name: teacher_logps[t.name] * routed[t.name][:, None] for t in teachers}, routed, seconds
 
 
 def _forward_rows(t, batch, idx, out):

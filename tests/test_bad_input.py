@@ -16,6 +16,9 @@ def opd_error(tiny, *flags, yaml_text=None, tmp_path=None, teacher=None):
         cfg = tmp_path / "bad.yaml"
         cfg.write_text(yaml_text)
         args = [PY, "opd.py", "--config", str(cfg), *args[2:]]
+    if teacher == "from-yaml":  # no --teacher.* flag: the YAML names its own teachers
+        args = [a for i, a in enumerate(args) if a != "--teacher.model_name_or_path"
+                and (i == 0 or args[i - 1] != "--teacher.model_name_or_path")]
     r = run_cmd(args + list(flags), timeout=300)
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-3000:]
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
@@ -142,3 +145,9 @@ def test_record_a_reward_cannot_score_stops_the_run_at_start(tiny, tmp_path):
                     yaml_text="rewards:\n  code: {type: code_sandbox, tag_included: [code]}\n",
                     tmp_path=tmp_path)
     assert "code_sandbox reward: record 'c3' (tag 'code') has no 'test_cases'" in err
+
+
+def test_teacher_on_ranks_outside_the_world(tiny, tmp_path):
+    err = opd_error(tiny, yaml_text="teacher:\n  t: {model_name_or_path: /x, device_mapping: [0, 3]}\n",
+                    tmp_path=tmp_path, teacher="from-yaml")
+    assert "teacher.t.device_mapping: [0, 3] has ranks outside the world of 1" in err
