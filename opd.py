@@ -297,11 +297,12 @@ def main(cfg):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.pretrain)
-    users = [r.tag_included for r in cfg.rewards.values()]  # tag lists of what can use a prompt
-    users += [t.tag_included for t in cfg.teacher.values()]
+    # the tag lists of what can use a prompt: rewards (also for validation) and teachers
+    reward_tags = [r.tag_included for r in cfg.rewards.values()]
+    teacher_tags = [t.tag_included for t in cfg.teacher.values()]
     load = lambda files, users: data.load_prompts(files, tokenizer, cfg.prompt_length,
                                                   cfg.global_template, cfg.tag_to_template, users)
-    items, notes = load(cfg.data.file_name, users)
+    items, notes = load(cfg.data.file_name, reward_tags + teacher_tags)
     all_tags = sorted({rec.get("tag", "") for _, rec in items})
     domains = {name: [i for i, (_, rec) in enumerate(items)
                       if not r.tag_included or rec.get("tag", "") in r.tag_included]
@@ -309,8 +310,7 @@ def main(cfg):
     batches = data.PromptBatches(items, cfg.rollout_batch_size, seed=cfg.seed, dp_rank=rank // tp,
                                  dp_size=world // tp, domains=domains,
                                  domain_probs=cfg.domain_interleave_probs)
-    # validation is scored by the rewards, so only their tags count there
-    val_items, val_notes = (load(cfg.validation.file_name, users[:len(cfg.rewards)])
+    val_items, val_notes = (load(cfg.validation.file_name, reward_tags)  # scored by rewards only
                             if cfg.validation.file_name and cfg.validation.eval_steps else ([], []))
     for note in notes + val_notes:
         banner(f"data: {note}")
