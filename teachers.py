@@ -7,6 +7,8 @@ Owns
                     (`tag_included` empty = a general teacher that scores everything).
   * `score`         every teacher's logprob of every sampled response token, plus the
                     routed mask per teacher, in the layout `loss.opd_advantages` takes.
+  * `generate`      the teacher's own answers: greedy for its validation accuracy, sampled
+                    for the off-policy distillation baseline.
 
 Knows nothing about optimizers. Each teacher lives on its own group of ranks
 (`device_mapping`); teachers on disjoint groups score at the same time, teachers sharing
@@ -22,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from rollout import Rollout, response_logp
+from rollout import Rollout, collate, response_logp
 
 
 class TeacherError(ValueError):
@@ -177,3 +179,54 @@ def _all_gather_batch(batch, tag_ids):
     all_batch = Rollout(flat[:, :L], flat[:, L:2 * L], resp_mask, torch.zeros_like(resp_mask), Pm,
                         torch.zeros(len(flat), dtype=torch.long, device=dev), all_tags)
     return all_batch, all_tags
+
+
+@torch.no_grad()
+def generate(t, prompts, *, max_tokens, eos_id, pad_id, device, temperature=0.0):
+    """The teacher's answers (token id lists, eos included) to `prompts`, this rank's share.
+
+    temperature 0 = greedy. Every member of the teacher's group must call it (with its
+    own share, possibly empty). Each micro-batch runs exactly max_tokens forwards with a
+    KV cache and no early exit, and ranks with fewer micro-batches decode a dummy prompt,
+    so the FSDP2 gathers line up across the group. Simplified: plain argmax / softmax
+    sampling from the torch RNG, no top-p; not HF `generate` (whose early stop would
+    desynchronise the group)."""
+    from transformers import DynamicCache
+
+    n_micro = torch.tensor(math.ceil(len(prompts) / t.micro_batch_size), device=device)
+    dist.all_reduce(n_micro, op=dist.ReduceOp.MAX, group=t.group)
+    answers = []
+    for i in range(int(n_micro)):
+        real = prompts[i * t.micro_batch_size:(i + 1) * t.micro_batch_size]
+        mb = real or [[pad_id]]
+        width = max(len(p) for p in mb)
+        ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in mb], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in mb], device=device)
+        pos, cache = (mask.cumsum(-1) - 1).clamp(min=0), DynamicCache()
+        done = torch.zeros(len(mb), dtype=torch.bool, device=device)
+        out = []
+        for _ in range(max_tokens):
+            logits = t.model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                             past_key_values=cache, use_cache=True).logits[:, -1].float()
+            nxt = (logits.argmax(-1) if temperature == 0 else
+                   torch.multinomial(torch.softmax(logits / temperature, -1), 1)[:, 0])
+            ids = torch.where(done, pad_id, nxt)[:, None]
+            out.append(ids)
+            done |= ids[:, 0] == eos_id
+            mask = torch.cat([mask, torch.ones_like(ids)], 1)
+            pos = pos[:, -1:] + 1
+        if real:
+            for row in torch.cat(out, 1).tolist():
+                answers.append(row[:row.index(eos_id) + 1] if eos_id in row else row)
+    return answers
+
+
+def teacher_rollout(t, prompts, tags, *, n, max_tokens, temperature, eos_id, pad_id, device):
+    """A Rollout batch written by the teacher (`n` answers per prompt): the data of the
+    off-policy distillation baseline. Its rollout_logp is 0 (unused: SFT has no ratio)."""
+    rows = [p for p in prompts for _ in range(n)]
+    answers = generate(t, rows, max_tokens=max_tokens, eos_id=eos_id, pad_id=pad_id, device=device,
+                       temperature=temperature)
+    return collate([torch.tensor(r) for r in rows], [torch.tensor(a) for a in answers],
+                   [torch.zeros(len(a)) for a in answers], torch.arange(len(prompts)).repeat_interleave(n),
+                   [tag for tag in tags for _ in range(n)], pad_id)

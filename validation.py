@@ -3,7 +3,8 @@
 Owns turning per-sample values (rewards, correctness) into per-tag sums that all ranks
 reduce in one collective, and the evaluation pass: one answer per validation prompt on
 this rank's share, scored by the external rewards, giving `val/<tag>/accuracy`,
-`val/accuracy` and a few example generations.
+`val/accuracy` and a few example generations; the teachers' own greedy accuracy
+(`val/<tag>/teacher_accuracy`, once); and the before/after table printed at the end.
 
 Simplified: accuracy is the mean reward of the rewards that cover a tag (1.0 = correct
 for the rule and sandbox rewards); a single sample per prompt (no pass@k).
@@ -14,6 +15,7 @@ import torch.distributed as dist
 
 import rewards
 import rollout
+import teachers as teachers_lib
 from student import reduce_sums
 
 
@@ -51,3 +53,44 @@ def evaluate(llm, val_items, tokenizer, cfg, reward_cfgs, device):
     examples = [f"[{r.get('tag', '')}] {r['messages'][-1]['content']!r} -> {t!r} (reward {x:.2f})"
                 for (_, r), t, x in zip(mine[:cfg.validation.num_examples], texts, reward.tolist())]
     return metrics, examples if rank == 0 else []
+
+
+def teacher_accuracy(teachers, val_items, tokenizer, cfg, reward_cfgs, device):
+    """`val/<tag>/teacher_accuracy` and `val/teacher_accuracy`: each tag's teacher (the
+    first in config order that routes the tag) answers that tag's validation prompts
+    greedily, each member of its group a share. Every rank calls this; ranks outside a
+    teacher's group skip it, and disjoint groups decode at the same time."""
+    all_tags = sorted({r.get("tag", "") for _, r in val_items})
+    owner = {tag: next((t.name for t in teachers if t.routes([tag])[0]), None) for tag in all_tags}
+    reward, scored, tags = [torch.zeros(0)], [torch.zeros(0, dtype=torch.bool)], []
+    for t in teachers:
+        if t.model is None:
+            continue
+        items = [it for it in val_items if owner[it[1].get("tag", "")] == t.name]
+        share = items[t.ranks.index(dist.get_rank())::len(t.ranks)]
+        answers = teachers_lib.generate(t, [ids for ids, _ in share], max_tokens=cfg.response_length,
+                                        eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id or 0,
+                                        device=device)
+        texts = tokenizer.batch_decode(answers, skip_special_tokens=True)
+        r, ok = rewards.score_samples(reward_cfgs, texts, [rec for _, rec in share])
+        reward.append(r.double())
+        scored.append(ok)
+        tags += [rec.get("tag", "") for _, rec in share]
+    sums = {}
+    per_tag_sums(sums, "val", torch.cat(reward), torch.cat(scored), tags, all_tags)
+    g = reduce_sums(sums, device)
+    return {"val/teacher_accuracy": g["val/sum"] / max(g["val/n"], 1),
+            **per_tag_means(g, "val", "teacher_accuracy", all_tags)}
+
+
+def summary(first, last, step):
+    """The before/after table: per tag, the teacher's and the student's accuracy."""
+    tags = sorted(k.split("/")[1] for k in last if k.startswith("val/") and k.endswith("/accuracy")
+                  and k.count("/") == 2)
+    rows = [(tag, f"val/{tag}/") for tag in tags] + [("all", "val/")]
+    cell = lambda m, key: f"{m[key]:.3f}" if key in m else "-"
+    lines = [f"{'tag':<12} {'teacher':>8} {'student@0':>10} {f'student@{step}':>12}"]
+    for name, p in rows:
+        lines.append(f"{name:<12} {cell(first, p + 'teacher_accuracy'):>8} {cell(first, p + 'accuracy'):>10} "
+                     f"{cell(last, p + 'accuracy'):>12}")
+    return lines

@@ -3,7 +3,9 @@
 Every rank builds its own fixed batch (prompt lengths differ by tag, as with per-tag
 templates), then two teachers score it twice: on disjoint rank groups (first half / second
 half of the ranks) and both on all ranks. Rank 0 writes the largest difference, the
-routing and whether the moved samples kept their token ids to argv[3]."""
+routing, whether the moved samples kept their token ids, and whether the teachers' own
+greedy decoding (members of a group holding different numbers of prompts) matches HF
+`generate`, to argv[3]."""
 
 import json
 import os
@@ -36,13 +38,13 @@ if __name__ == "__main__":
     batch = fake_batch(rank, 290)
     tag_ids = {t: i for i, t in enumerate(sorted(TAGS))}
     half = list(range(world // 2)), list(range(world // 2, world))
-    scores, routed = {}, {}
+    scores, routed, placed = {}, {}, {}
     for placement, (ranks_a, ranks_b) in {"disjoint": half, "overlapping": ([], [])}.items():
         ts = [T.load_teacher("math", math_path, device=device, dtype=torch.float32, ranks=ranks_a,
                              tag_included=["add", "sub"], micro_batch_size=2),
               T.load_teacher("general", general_path, device=device, dtype=torch.float32, ranks=ranks_b,
                              micro_batch_size=3)]
-        held = [t.name for t in ts if t.model is not None]
+        held, placed[placement] = [t.name for t in ts if t.model is not None], ts
         scores[placement], routed[placement], _ = T.score(ts, batch, tag_ids)
         if placement == "disjoint":
             assert held == (["math"] if rank in ranks_a else ["general"]), held  # never loads the other
@@ -61,8 +63,24 @@ if __name__ == "__main__":
         and bool((scores["disjoint"]["math"][poem] == 0).all())
         and bool((scores["disjoint"]["general"] * batch.response_mask < 0).any())))
     dist.all_reduce(ok_routing, op=dist.ReduceOp.MIN)
+    # greedy decoding on a sub-group: members hold 1 or 3 prompts, so one runs a dummy
+    # micro-batch (math: 2 per micro-batch) while the other decodes left-padded prompts
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t = next(t for t in placed["disjoint"] if t.model is not None)
+    eos = AutoTokenizer.from_pretrained(math_path).eos_token_id
+    g = torch.Generator().manual_seed(7 + rank)
+    prompts = [torch.randint(3, 290, (5 + i,), generator=g).tolist() for i in range(1 + 2 * (rank % 2))]
+    got = T.generate(t, prompts, max_tokens=6, eos_id=eos, pad_id=0, device=device)
+    ref_model = AutoModelForCausalLM.from_pretrained(math_path if t.name == "math" else general_path)
+    ref = [ref_model.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False, eos_token_id=eos,
+                              pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+    ref = [r[:r.index(eos) + 1] if eos in r else r for r in ref]
+    greedy_ok = torch.tensor(int(got == ref and len(got) == len(prompts)))
+    dist.all_reduce(greedy_ok, op=dist.ReduceOp.MIN)
     if rank == 0:
         with open(out, "w") as f:
             json.dump({"max_diff_math": diff[0].item(), "max_diff_general": diff[1].item(),
-                       "same_ids": bool(same), "routing_ok": bool(ok_routing)}, f)
+                       "same_ids": bool(same), "routing_ok": bool(ok_routing),
+                       "greedy_matches_hf": bool(greedy_ok)}, f)
     dist.destroy_process_group()

@@ -16,6 +16,7 @@ def test_disjoint_and_overlapping_placements_score_the_same(tiny, tmp_path, npro
     d = json.loads(out.read_text())
     assert d["max_diff_math"] < 1e-5 and d["max_diff_general"] < 1e-5, d
     assert d["same_ids"] and d["routing_ok"], d
+    assert d["greedy_matches_hf"], d
 
 
 def test_two_teachers_on_their_own_ranks_train_and_report(tiny, tmp_path):
