@@ -67,34 +67,50 @@ def _coerce(val, typ, where):
     return typ(val)
 
 
-def parse(config_cls, argv, description=None, normalize=None):
-    """--config YAML (if any) gives the defaults; every other flag overrides them."""
-    import tyro
+def _yaml_values(argv):
+    """(path, mapping) of the --config YAML in argv, or (None, None)."""
     import yaml
 
-    default = config_cls()
     for i, arg in enumerate(argv):
         if arg == "--config" or arg.startswith("--config="):
             path = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
             try:
                 with open(path) as f:
-                    values = yaml.safe_load(f) or {}
+                    return path, yaml.safe_load(f) or {}
             except OSError as e:
                 raise ConfigError(f"--config: cannot read {path!r}: {e.strerror}") from None
             except yaml.YAMLError as e:
                 raise ConfigError(f"--config: {path} is not valid YAML: {e}") from None
-            default = from_dict(config_cls, normalize(values) if normalize else values, path)
-            default.config = path
+    return None, None
+
+
+def parse(config_cls, argv, description=None, normalize=None):
+    """--config YAML (if any) gives the defaults; every other flag overrides them."""
+    import tyro
+
+    default = config_cls()
+    path, values = _yaml_values(argv)
+    if path is not None:
+        default = from_dict(config_cls, normalize(values) if normalize else values, path)
+        default.config = path
     return tyro.cli(config_cls, args=argv, default=default, use_underscores=True,
                     description=description)
 
 
-def apply_toy_defaults(cfg):
+def given_keys(argv):
+    """Top-level keys the user set, by a flag or in the --config YAML."""
+    keys = {a[2:].split("=")[0].split(".")[0] for a in argv if a.startswith("--")}
+    _, values = _yaml_values(argv)
+    return keys | set(values if isinstance(values, dict) else ())
+
+
+def apply_toy_defaults(cfg, given=frozenset()):
     """The toy teacher and validation split are defaults for the toy world only: a config
-    that brings its own student and names no teacher trains with plain RL (as in the
-    seed: no teacher configured = RL), and its own data has no validation by default."""
+    that brings its own student and names no teacher (`given`: the keys the user set)
+    trains with plain RL (as in the seed: no teacher configured = RL), and its own data
+    has no validation by default."""
     defaults = type(cfg)()
-    if cfg.teacher == defaults.teacher and cfg.pretrain != defaults.pretrain:
+    if "teacher" not in given and cfg.pretrain != defaults.pretrain:
         cfg.teacher = {}
     cfg.teacher = {n: t for n, t in cfg.teacher.items() if t.model_name_or_path}  # '' = none
     if cfg.validation.file_name == defaults.validation.file_name and cfg.data.file_name != defaults.data.file_name:
@@ -125,6 +141,11 @@ def check_config(cfg, world):
         raise ConfigError("no teacher and no rewards: nothing to learn from")
     if cfg.use_opd and not cfg.rewards:
         raise ConfigError("use_opd (mixed mode) needs at least one entry in rewards")
+    if cfg.off_policy:
+        t = next(iter(cfg.teacher.values()), None)
+        if len(cfg.teacher) != 1 or cfg.use_opd or (t.device_mapping and len(set(t.device_mapping)) < world):
+            raise ConfigError("off_policy (SFT on teacher samples) needs exactly one teacher, on all "
+                              f"ranks, and no use_opd; got teachers {list(cfg.teacher)}, use_opd={cfg.use_opd}")
     for name in cfg.domain_interleave_probs:
         if name not in cfg.rewards:
             raise ConfigError(f"domain_interleave_probs.{name}: no reward named '{name}' "

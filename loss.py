@@ -12,6 +12,8 @@ What this file owns (pure tensor functions, no distributed / vLLM / config code)
 * ``policy_loss``    -- PPO-style clipped surrogate with token- or
                         sequence-level importance ratios against the behaviour
                         (sampler) policy, plus the usual aggregation modes.
+* ``sft_loss``       -- negative log-likelihood of given tokens: the off-policy
+                        distillation baseline (SFT on the teacher's samples).
 * ``agg_denom``      -- the divisor ``policy_loss`` uses, so a caller that
                         splits a batch over micro-batches / ranks can all-reduce
                         it and reproduce the global aggregation exactly.
@@ -230,3 +232,15 @@ def policy_loss(logp, old_logp, adv, mask, clip=0.2, level="token", agg="token-m
         "clip_frac": masked_mean(clipped.to(logp.dtype), valid),
     }
     return loss, metrics
+
+
+def sft_loss(logp, mask, agg="token-mean", denom=None):
+    """Negative log-likelihood of the response tokens, aggregated like ``policy_loss``.
+
+    Off-policy distillation: the tokens were sampled by the teacher, so there is no
+    importance ratio and no advantage; every token is a target."""
+    if agg not in AGGS:
+        raise ValueError(f"unknown agg {agg!r}; valid aggs: {', '.join(AGGS)}")
+    valid = mask.bool()
+    per_token = torch.where(valid, -logp, torch.zeros_like(logp))
+    return _aggregate(per_token, valid, agg, denom)

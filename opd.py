@@ -45,16 +45,19 @@ from loss import rl_advantages
 
 @dataclass
 class StudentTrain:
-    lr: float = 1e-3
+    lr: float = 2e-3
     """AdamW learning rate of the student."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
-    warmup_steps: int = 0
-    """Linear learning-rate warm-up over this many steps (then constant)."""
+    warmup_steps: int = 20
+    """Linear learning-rate warm-up over this many steps."""
+    lr_scheduler_type: Literal["constant", "cosine"] = "cosine"
+    """After warm-up: constant, or cosine decay to 10% of lr at max_steps."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this value (0 = no clipping)."""
-    micro_batch_size: int = 32
-    """Sequences per forward/backward on one rank; gradients accumulate over a step."""
+    micro_batch_size: int = 128
+    """Sequences per forward/backward on one rank; gradients accumulate over a step
+    (the default suits the toy models; billion-parameter students want 1-4)."""
     dtype: str = "float32"
     """Compute dtype of forward/backward (float32 | bfloat16). Master weights stay fp32."""
     attn_implementation: str = "sdpa"
@@ -101,8 +104,8 @@ class TeacherConfig:
     """Tags of the samples this teacher scores; empty = all tags."""
     dtype: str = "float32"
     """Teacher compute dtype (float32 | bfloat16)."""
-    micro_batch_size: int = 32
-    """Sequences per teacher forward on one rank."""
+    micro_batch_size: int = 128
+    """Sequences per teacher forward on one rank (toy default; big teachers want 1-8)."""
     device_mapping: list[int] = field(default_factory=list)
     """Global ranks that hold and run this teacher (FSDP2 over them); empty = all ranks."""
 
@@ -132,6 +135,8 @@ class Validation:
     """Sampling temperature for validation (0 = greedy)."""
     num_examples: int = 3
     """Generations shown on the console and in TensorBoard text per evaluation."""
+    teacher: bool = True
+    """Also score each tag's teacher once, greedily, before training (val/<tag>/teacher_accuracy)."""
 
 
 @dataclass
@@ -162,6 +167,9 @@ class Config:
     use_opd: bool = False
     """Mixed mode: advantage = RL advantage from the rewards - sum of teacher KL terms.
     With no teacher (teacher: {}) training is plain RL."""
+    off_policy: bool = False
+    """Baseline instead of OPD: the teacher writes the answers (sampled at
+    student_infer.temperature) and the student is trained by SFT on them."""
     adv_estimator: Literal["grpo", "reinforce"] = "grpo"
     """RL advantage from rewards (mixed mode, plain RL): group-normalised or raw."""
     global_template: str = "native"
@@ -172,7 +180,7 @@ class Config:
     """Mix domains (reward names; their tags are the reward's tag_included) by these
     probabilities; empty = sample prompts uniformly."""
     validation: Validation = field(default_factory=Validation)
-    max_steps: int = 200
+    max_steps: int = 400
     """Training steps (one rollout batch and one optimizer step each)."""
     save_steps: int = 0
     """Save a checkpoint every N steps (0 = only at the end; always at the end)."""
@@ -334,14 +342,16 @@ def main(cfg):
         max_model_len=cfg.prompt_length + cfg.response_length,
         gpu_memory_utilization=si.gpu_memory_utilization, enforce_eager=si.enforce_eager,
         kv_cache_gib=si.kv_cache_gib, enable_sleep_mode=si.sleep and device != "cpu")
-    student, opt, sched = student_lib.build_student(cfg.pretrain, cfg.student_train, device)
+    student, opt, sched = student_lib.build_student(cfg.pretrain, cfg.student_train, device, cfg.max_steps)
     teachers = [teachers_lib.load_teacher(  # in config order on every rank: groups are collective
         name, tc.model_name_or_path, device=device, dtype=DTYPES[tc.dtype], ranks=tc.device_mapping,
         attn_implementation=cfg.student_train.attn_implementation, coef=tc.opd_kl_coef,
         tag_included=tc.tag_included, micro_batch_size=tc.micro_batch_size)
         for name, tc in cfg.teacher.items()]
     tag_ids = {tag: i for i, tag in enumerate(all_tags)}
-    mode = "plain RL" if not teachers else "mixed (RL + OPD)" if cfg.use_opd else "pure OPD"
+    scorers = [] if cfg.off_policy else teachers  # off-policy: the samples are the teacher's own
+    mode = ("plain RL" if not teachers else "off-policy distillation (SFT on teacher samples)"
+            if cfg.off_policy else "mixed (RL + OPD)" if cfg.use_opd else "pure OPD")
     logger = Logger(cfg.output_dir, rank == 0)
     banner(f"opd: {mode}, {world} rank(s) on {device}, {len(items)} prompts, output in {cfg.output_dir}")
 
@@ -352,19 +362,28 @@ def main(cfg):
             banner(f"      {ex}")
         return metrics, examples
 
+    first = last = {}
     if val_items:
-        logger.log(0, *validate(0))
+        first, examples = validate(0)
+        if teachers and cfg.validation.teacher:
+            first.update(validation.teacher_accuracy(teachers, val_items, tokenizer, cfg, reward_cfgs, device))
+            banner("val  teacher | " + " | ".join(f"{k[4:]} {v:.3f}" for k, v in first.items() if "teacher" in k))
+        logger.log(0, first, examples)
+    elapsed = tokens_total = 0  # cumulative step time (validation excluded) and tokens trained on
     for step in range(1, cfg.max_steps + 1):
         t_step = time.perf_counter()
 
         # ---- 1. rollout: sample G answers per prompt on the local engine
         t0 = time.perf_counter()
         prompts = batches.next()
-        batch = rollout.generate(
-            llm, [ids for ids, _ in prompts], [rec.get("tag", "") for _, rec in prompts],
-            n=cfg.num_return_sequences_in_group, max_tokens=cfg.response_length,
-            temperature=si.temperature, top_p=si.top_p, top_k=si.top_k,
-            pad_id=tokenizer.pad_token_id or 0)
+        tags, G, pad_id = [r.get("tag", "") for _, r in prompts], cfg.num_return_sequences_in_group, tokenizer.pad_token_id or 0
+        if cfg.off_policy:  # the baseline: the teacher answers, the student will imitate
+            batch = teachers_lib.teacher_rollout(teachers[0], [ids for ids, _ in prompts], tags, n=G,
+                                                 max_tokens=cfg.response_length, temperature=si.temperature,
+                                                 eos_id=tokenizer.eos_token_id, pad_id=pad_id, device=device)
+        else:
+            batch = rollout.generate(llm, [ids for ids, _ in prompts], tags, n=G, max_tokens=cfg.response_length,
+                                     temperature=si.temperature, top_p=si.top_p, top_k=si.top_k, pad_id=pad_id)
         records = [prompts[g][1] for g in batch.group.tolist()]
         if tp > 1:  # TP peers sampled the same groups: each keeps whole groups of its own
             keep = [i for i, g in enumerate(batch.group.tolist()) if g % tp == rank % tp]
@@ -384,14 +403,14 @@ def main(cfg):
 
         # ---- 3. teacher scoring of every sampled token
         t0 = time.perf_counter()
-        teacher_logps, routed, t_each = teachers_lib.score(teachers, batch, tag_ids)
+        teacher_logps, routed, t_each = teachers_lib.score(scorers, batch, tag_ids)
         t_teacher = time.perf_counter() - t0
 
         # ---- 4. advantage, loss, FSDP2 backward and optimizer step
         t0 = time.perf_counter()
-        sums = student_lib.train_step(student, opt, sched, batch, teacher_logps, routed, teachers,
+        sums = student_lib.train_step(student, opt, sched, batch, teacher_logps, routed, scorers,
                                       st=cfg.student_train, temperature=si.temperature,
-                                      kl_estimator=cfg.kl_estimator, rl_adv=rl_adv)
+                                      kl_estimator=cfg.kl_estimator, rl_adv=rl_adv, sft=cfg.off_policy)
         t_train = time.perf_counter() - t0
 
         # ---- 5. weight sync into the local vLLM engine
@@ -403,14 +422,15 @@ def main(cfg):
 
         # ---- 6. log, validate, checkpoint
         sums.update(seqs=len(batch), all_tokens=batch.attention_mask.sum(),
-                    **{f"routed/{t.name}": routed[t.name].sum() for t in teachers})
+                    **{f"routed/{t.name}": routed[t.name].sum() for t in scorers})
         validation.per_tag_sums(sums, "reward", reward, scored, batch.tags, all_tags)
         g = student_lib.reduce_sums(sums, device)
         step_s = time.perf_counter() - t_step
+        elapsed, tokens_total = elapsed + step_s, tokens_total + g["all_tokens"]
         peaks = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-                              *(t_each[t.name] for t in teachers)], device=device)
+                              *(t_each[t.name] for t in scorers)], device=device)
         dist.all_reduce(peaks, op=dist.ReduceOp.MAX)  # memory and per-teacher time: the max rank
-        rss, t_each = peaks[0].item(), dict(zip([t.name for t in teachers], peaks[1:].tolist()))
+        rss, t_each = peaks[0].item(), dict(zip([t.name for t in scorers], peaks[1:].tolist()))
         metrics = {
             "train/reverse_kl": g["kl"] / g["tokens"],
             "train/loss": g["loss"],
@@ -419,20 +439,21 @@ def main(cfg):
             "train/clip_frac": g["clip"] / g["tokens"],
             "train/response_len": g["tokens"] / g["seqs"],
             "train/lr": sched.get_last_lr()[0],
-            **{k: v for t in teachers for k, v in (
+            **{k: v for t in scorers for k, v in (
                 (f"teacher/{t.name}/reverse_kl", g[f"kl/{t.name}"] / max(g[f"tokens/{t.name}"], 1)),
                 (f"teacher/{t.name}/routed_frac", g[f"routed/{t.name}"] / g["seqs"]),
                 (f"timing/teacher/{t.name}_s", t_each[t.name]))},
             **validation.per_tag_means(g, "reward", "mean", all_tags),
             "timing/rollout_s": t_rollout, "timing/reward_s": t_reward, "timing/teacher_s": t_teacher,
             "timing/train_s": t_train, "timing/sync_s": t_sync, "timing/step_s": step_s,
-            "throughput/tokens_per_s": g["all_tokens"] / step_s,
+            "timing/elapsed_s": elapsed, "throughput/tokens_per_s": g["all_tokens"] / step_s,
+            "throughput/tokens_total": tokens_total,
             "memory/peak_rss_gib": rss,
         }
         examples = []
         if val_items and (step % cfg.validation.eval_steps == 0 or step == cfg.max_steps):
-            val_metrics, examples = validate(step)
-            metrics.update(val_metrics)
+            last, examples = validate(step)
+            metrics.update(last)
         logger.log(step, metrics, examples)
         banner(f"step {step:4d}/{cfg.max_steps} | kl {metrics['train/reverse_kl']:7.4f} | "
                f"reward {g['reward/sum'] / max(g['reward/n'], 1):5.3f} | "
@@ -445,6 +466,8 @@ def main(cfg):
             student_lib.save_checkpoint(student, tokenizer, path)
             banner(f"saved {path}")
 
+    if val_items and last:
+        banner("\n".join(["", "validation accuracy, before and after:", *validation.summary(first, last, step)]))
     logger.close()
     del llm  # vLLM's shutdown tears down the default process group itself
     if dist.is_initialized():
@@ -452,21 +475,21 @@ def main(cfg):
 
 
 def prepare_toy_world(cfg):
-    """Build the toy world once if the config points into it and it is missing."""
+    """Build the toy world if the config uses it and it is not completely built yet."""
     paths = [cfg.pretrain, *(t.model_name_or_path for t in cfg.teacher.values()), *cfg.data.file_name,
              *cfg.validation.file_name]
-    if any(p.startswith(toy.TOY_DIR) and not os.path.exists(p) for p in paths):
+    done = os.path.join(toy.TOY_DIR, "DONE")  # written last by toy.prepare
+    if any(p.startswith(toy.TOY_DIR) for p in paths) and not os.path.exists(done):
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
             toy.prepare()
-        else:  # the other local ranks wait for rank 0's build (marker written last)
-            while not os.path.exists(os.path.join(toy.TOY_DIR, "DONE")):
-                time.sleep(1)
+        while not os.path.exists(done):  # the other local ranks wait for rank 0's build
+            time.sleep(1)
 
 
 if __name__ == "__main__":
     try:
         cfg = parse_config(sys.argv[1:])
-        config.apply_toy_defaults(cfg)
+        config.apply_toy_defaults(cfg, config.given_keys(sys.argv[1:]))
         config.check_config(cfg, world=int(os.environ.get("WORLD_SIZE", "1")))
         prepare_toy_world(cfg)
         main(cfg)

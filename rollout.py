@@ -18,12 +18,17 @@ run in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0): tensors cannot be pickled to 
 process and external_launcher requires it anyway.
 """
 
+import logging
 import math
 import os
 from dataclasses import dataclass
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep the console to our step lines
+# Every weight reload warns "RotaryEmbedding: Failed to load weights": rotary layers have
+# no weights (their cos/sin cache is a buffer vLLM puts back). Drop that line, and only it.
+logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(
+    lambda record: not record.getMessage().startswith("RotaryEmbedding: Failed to load weights"))
 
 import torch
 import torch.distributed as dist

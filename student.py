@@ -6,9 +6,10 @@ sampled policy loss, gradient accumulation over micro-batches, clipping), and sa
 student so that transformers and vLLM load it as-is.
 
 Simplified: one optimizer step per rollout batch (so the detached current logp is pi_old),
-a constant learning rate after a linear warm-up, no optimizer-state checkpoints (no resume).
+warm-up then constant or cosine learning rate, no optimizer-state checkpoints (no resume).
 """
 
+import math
 import os
 import shutil
 
@@ -16,13 +17,13 @@ import torch
 import torch.distributed as dist
 
 import rollout
-from loss import agg_denom, opd_advantages, policy_loss
+from loss import agg_denom, opd_advantages, policy_loss, sft_loss
 
 
-def build_student(path, st, device):
+def build_student(path, st, device, total_steps):
     """The trainable student from `path`, sharded with FSDP2 over all ranks (ZeRO-3
-    style), with its AdamW optimizer and warm-up schedule. `st` is the student_train
-    config."""
+    style), with its AdamW optimizer and learning-rate schedule. `st` is the
+    student_train config."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from transformers import AutoModelForCausalLM
@@ -41,9 +42,18 @@ def build_student(path, st, device):
     fully_shard(model, mesh=mesh, mp_policy=mp)
     model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=st.lr, weight_decay=st.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / st.warmup_steps) if st.warmup_steps else 1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, st, total_steps))
     return model, opt, sched
+
+
+def lr_factor(step, st, total_steps):
+    """Linear warm-up over st.warmup_steps, then constant or cosine down to 10%."""
+    if step < st.warmup_steps:
+        return (step + 1) / st.warmup_steps
+    if st.lr_scheduler_type == "constant":
+        return 1.0
+    progress = min(1.0, (step - st.warmup_steps) / max(1, total_steps - st.warmup_steps))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def save_checkpoint(model, tokenizer, path):
@@ -65,7 +75,7 @@ def save_checkpoint(model, tokenizer, path):
 
 
 def train_step(student, opt, sched, batch, teacher_logps, routed, teachers, *, st, temperature=1.0,
-               kl_estimator="k1", rl_adv=None):
+               kl_estimator="k1", rl_adv=None, sft=False):
     """Advantage + IS policy loss over micro-batches, then one FSDP2 optimizer step.
 
     The student's logp is computed once, with grad; its detached value is the pi_old of
@@ -75,8 +85,9 @@ def train_step(student, opt, sched, batch, teacher_logps, routed, teachers, *, s
     that of the loss aggregated over the whole global batch.
 
     `rl_adv` [B] (mixed mode, plain RL) is the sequence-level advantage from external
-    rewards; the teachers' weighted KL is subtracted from it. Returns the step's metric
-    sums (0-d tensors) for `reduce_sums`."""
+    rewards; the teachers' weighted KL is subtracted from it. `sft` (the off-policy
+    baseline: the batch was written by the teacher) trains by plain NLL instead. Returns
+    the step's metric sums (0-d tensors) for `reduce_sums`."""
     world = dist.get_world_size()
     denom = agg_denom(batch.response_mask, st.loss_agg_mode).float()
     dist.all_reduce(denom)
@@ -98,8 +109,12 @@ def train_step(student, opt, sched, batch, teacher_logps, routed, teachers, *, s
         mb_rl = None if rl_adv is None else rl_adv[idx][:, None]
         adv = opd_advantages(logp.detach(), mb_tl, coefs, mb_routed, mask, rl_adv=mb_rl,
                              kind=kl_estimator)
-        loss, m = policy_loss(logp, mb.rollout_logp, adv, mask, clip=st.clip, level=st.is_level,
-                              agg=st.loss_agg_mode, denom=denom / world)
+        if sft:
+            loss = sft_loss(logp, mask, agg=st.loss_agg_mode, denom=denom / world)
+            m = {"is_ratio_mean": torch.ones(()), "clip_frac": torch.zeros(())}
+        else:
+            loss, m = policy_loss(logp, mb.rollout_logp, adv, mask, clip=st.clip, level=st.is_level,
+                                  agg=st.loss_agg_mode, denom=denom / world)
         loss.backward()
         n_tok = mask.sum()
         add("loss", loss / world)

@@ -33,7 +33,7 @@ if __name__ == "__main__":
     cfg = opd.Config(pretrain=path)
     cfg.student_train.lr = 0.05
     _, _, device = opd.init_distributed("cpu")
-    student, opt, _ = student_lib.build_student(cfg.pretrain, cfg.student_train, device)
+    student, opt, _ = student_lib.build_student(cfg.pretrain, cfg.student_train, device, cfg.max_steps)
     llm = rollout.make_engine(path, dtype="float32", max_model_len=64, seed=0,
                               tensor_parallel_size=tp)
     # TP peers must see the same prompts; data-parallel replicas may differ

@@ -47,3 +47,45 @@ def test_one_teacher_or_many(tmp_path):
     assert cfg.teacher["math"].device_mapping == [0] and cfg.teacher["general"].opd_kl_coef == 0.7
     p.write_text("teacher: null\n")
     assert opd.parse_config(["--config", str(p)]).teacher == {}
+
+
+def test_toy_preset_is_the_no_flag_default():
+    import dataclasses
+
+    preset = opd.parse_config(["--config", os.path.join(ROOT, "configs", "toy.yaml")])
+    preset.config = None
+    assert dataclasses.asdict(preset) == dataclasses.asdict(opd.parse_config([]))
+
+
+def test_own_student_keeps_a_teacher_the_user_named(tmp_path):
+    import config
+
+    toy_teacher = opd.TeacherConfig().model_name_or_path
+    argv = ["--pretrain", "/my/student", "--teacher.model_name_or_path", toy_teacher]
+    cfg = opd.parse_config(argv)
+    config.apply_toy_defaults(cfg, config.given_keys(argv))
+    assert list(cfg.teacher) == ["default"]  # named explicitly: kept, even though it is the default
+    p = tmp_path / "c.yaml"
+    p.write_text(f"pretrain: /my/student\nteacher:\n  model_name_or_path: {toy_teacher}\n")
+    cfg = opd.parse_config(["--config", str(p)])
+    config.apply_toy_defaults(cfg, config.given_keys(["--config", str(p)]))
+    assert list(cfg.teacher) == ["default"]
+    argv = ["--pretrain", "/my/student"]  # nothing said about a teacher: plain RL, as in the seed
+    cfg = opd.parse_config(argv)
+    config.apply_toy_defaults(cfg, config.given_keys(argv))
+    assert cfg.teacher == {} and cfg.validation.file_name  # (the toy val split stays: toy data)
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--teacher.model_name_or_path", ""], "exactly one teacher"),
+    (["--use_opd"], "no use_opd"),
+    (["--teacher.device_mapping", "0"], "on all ranks"),
+])
+def test_off_policy_needs_one_teacher_on_all_ranks(flags, needle):
+    import config
+
+    argv = ["--off_policy", *flags]
+    cfg = opd.parse_config(argv)
+    config.apply_toy_defaults(cfg, config.given_keys(argv))
+    with pytest.raises(config.ConfigError, match=needle):
+        config.check_config(cfg, world=2)

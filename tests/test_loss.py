@@ -387,3 +387,34 @@ def test_rl_advantages_grpo_normalises_within_groups():
     assert torch.allclose(adv, torch.tensor(expected), atol=1e-4), adv
     with pytest.raises(ValueError, match="grpo or reinforce"):
         loss.rl_advantages(r, g, "ppo")
+
+
+@pytest.mark.parametrize("agg", loss.AGGS)
+def test_sft_loss_is_the_nll_of_the_given_tokens(agg):
+    logp = torch.tensor([[-0.5, -1.0, float("nan")], [-2.0, float("-inf"), float("-inf")]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    out = loss.sft_loss(logp, mask, agg=agg)
+    expected = {"token-mean": 3.5 / 3, "seq-mean-token-mean": (0.75 + 2.0) / 2,
+                "seq-mean-token-sum": (1.5 + 2.0) / 2}[agg]
+    assert out.item() == pytest.approx(expected)
+    out.backward()
+    assert torch.isfinite(logp.grad).all() and (logp.grad[~mask.bool()] == 0).all()
+    assert (logp.grad[mask.bool()] < 0).all()  # descending it raises the tokens' logprob
+    # the same divisor contract as policy_loss: halves with denom add up to the whole
+    halves = sum(loss.sft_loss(logp[i:i + 1], mask[i:i + 1], agg=agg, denom=agg_denom(mask, agg))
+                 for i in range(2))
+    assert halves.item() == pytest.approx(expected)
+
+
+def test_lr_schedule_warmup_then_constant_or_cosine():
+    from types import SimpleNamespace
+
+    from student import lr_factor
+
+    cos = SimpleNamespace(warmup_steps=10, lr_scheduler_type="cosine")
+    assert [lr_factor(s, cos, 110) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert lr_factor(10, cos, 110) == pytest.approx(1.0)
+    assert lr_factor(60, cos, 110) == pytest.approx(0.55)   # half way: the middle of 1 .. 0.1
+    assert lr_factor(110, cos, 110) == pytest.approx(0.1) == lr_factor(500, cos, 110)
+    const = SimpleNamespace(warmup_steps=0, lr_scheduler_type="constant")
+    assert lr_factor(0, const, 10) == lr_factor(99, const, 10) == 1.0

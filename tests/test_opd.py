@@ -103,3 +103,15 @@ def test_mixed_mode_and_plain_rl_runs_log_rewards_and_validation(tiny, tmp_path,
         assert has_teacher == (mode == "mixed")
     assert re.search(r"val +0/3 \| accuracy [0-9.]+ \| add/accuracy", r.stdout)  # console line
     assert re.search(r"\[(add|sub)\] 'Compute .*' -> .* \(reward [01]\.00\)", r.stdout)  # examples
+
+
+def test_off_policy_baseline_trains_on_the_teachers_samples(tiny, tmp_path):
+    r, rows = run_opd(tiny, tmp_path / "off", "--off_policy", "--max_steps", "8", "--student_train.lr", "1e-2",
+                      "--student_train.warmup_steps", "0")
+    assert "opd: off-policy distillation (SFT on teacher samples)" in r.stdout
+    nll = [row["train/loss"] for row in rows]
+    assert nll[0] > 1.0, nll                                  # a random student, the teacher's text
+    assert sum(nll[-2:]) / 2 < 0.85 * nll[0], nll             # SFT pulls the student onto it
+    for row in rows:  # no ratio (the samples are not the student's), no teacher scoring pass
+        assert row["train/is_ratio_mean"] == 1.0 and row["train/clip_frac"] == 0.0
+        assert "teacher/default/reverse_kl" not in row and row["train/response_len"] >= 1
