@@ -1,6 +1,7 @@
 # make run    set up .venv if needed, then the default job: the toy distillation on 2 ranks
 # make test   set up .venv if needed, then the test suite (what CI runs)
 # make bench  set up .venv if needed, then the step-time benchmark
+# make compare  set up .venv if needed, then the teaching benchmark (OPD vs RL vs mixed vs SFT)
 PY := .venv/bin/python
 VENV := .venv/.installed-$(shell cksum requirements.txt | cut -d' ' -f1)
 
@@ -24,4 +25,7 @@ test: $(VENV)
 bench: $(VENV)
 	$(PY) bench.py $(ARGS)
 
-.PHONY: setup run test bench
+compare: $(VENV)
+	$(PY) compare.py $(ARGS)
+
+.PHONY: setup run test bench compare

@@ -5,28 +5,31 @@ What this module owns:
     written in the seed data format (one JSON object per line, see `make_problems`);
   * a byte-level BPE tokenizer trained on those texts, with Qwen-style ChatML
     special tokens and chat template;
-  * two randomly initialised Qwen3 models: a bigger *teacher*, SFT-trained until it
-    solves a good share of validation problems greedily, and a smaller *student*,
-    SFT-trained only briefly so that it knows the answer format
-    `\\boxed{N}<|im_end|>` but is poor at the arithmetic;
+  * two randomly initialised Qwen3 models: a bigger *teacher* (673k parameters),
+    SFT-trained until it solves almost every validation problem greedily, and a smaller
+    *student* (376k), SFT-trained only until it first solves a quarter of them: it knows
+    the answer format `\\boxed{N}<|im_end|>` and has begun to learn the arithmetic,
+    and distillation has the rest to do (it stays at most half as good as the teacher);
   * `prepare()`, which builds all of the above once and caches it on disk in HF
-    format, loadable by `transformers` and by vLLM.
+    format, loadable by `transformers` and by vLLM (`quick=True`: a seconds-long
+    smoke-test world of the same layout whose models have barely trained).
 
-What it simplifies (on purpose, so that the whole world builds in one to one and a
-half minutes on two CPU cores and nothing is downloaded):
+What it simplifies (on purpose, so that the whole world builds in about two and a half
+minutes on two CPU cores and nothing is downloaded):
   * the task has a single exactly-checkable answer and no reasoning text;
   * the models have a few hundred thousand parameters, fp32, trained on CPU with a
     bare AdamW loop (warmup + cosine, no packing, no clipping, one thread);
   * the vocabulary is a few hundred tokens, so both models share one tokenizer;
-  * the teacher's step count is checked against validation accuracy (it trains on
-    if it is still below `TEACHER["min_acc"]`), a mild peek at val a real setup
-    would avoid;
+  * both step counts look at validation accuracy (the teacher trains on while it is
+    below `TEACHER["min_acc"]`, the student stops at `STUDENT["start_acc"]`), a mild
+    peek at val a real setup would avoid;
   * the head is untied from the embeddings (vLLM's CPU backend has trouble
     re-syncing tied heads after weight updates), and head_dim is >= 32 (vLLM's CPU
     attention kernel rejects smaller heads).
 
-Run `python toy.py [--force]` to build the cache (default: $OPD_TOY_DIR or
-.cache/toy next to this file).
+Run `python toy.py [--force] [--quick]` to build the cache (default: $OPD_TOY_DIR or
+.cache/toy-v<VERSION> next to this file; $OPD_TOY_QUICK=1 makes the default build quick).
+Deterministic: the same code, seeds and thread count give the same world.
 """
 
 from __future__ import annotations
@@ -47,9 +50,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 from transformers.utils import logging as hf_logging
 
+VERSION = 2  # bump when the world changes, so that an old cache is not reused
 TOY_DIR = os.path.abspath(
-    os.environ.get("OPD_TOY_DIR") or os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache", "toy")
-)
+    os.environ.get("OPD_TOY_DIR")
+    or os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache", f"toy-v{VERSION}"))
 
 PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 
@@ -71,9 +75,13 @@ TEACHER = dict(arch=dict(hidden_size=128, num_layers=3, num_heads=8, num_kv_head
                sft=dict(steps=1000, lr=5e-3, batch_size=32, seed=1),
                # if the arithmetic has not "clicked" yet (val acc < min_acc), train on, at most twice
                min_acc=0.5, more=dict(steps=300, lr=2e-3, batch_size=32), max_more=2)
-STUDENT = dict(arch=dict(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32,
-                         intermediate_size=128, init_std=0.08, seed=2),
-               sft=dict(steps=40, lr=3e-3, batch_size=32, seed=2))
+# The student: smaller (56% of the teacher's parameters), SFT-trained in chunks only until
+# its greedy val accuracy first reaches `start_acc`: it knows the format and has begun to
+# learn the arithmetic; the rest is left for distillation. A chunk that overshoots
+# `max_share` of the teacher's accuracy is undone.
+STUDENT = dict(arch=dict(hidden_size=96, num_layers=3, num_heads=6, num_kv_heads=2, head_dim=32,
+                         intermediate_size=192, init_std=0.08, seed=2),
+               chunk=dict(steps=50, lr=5e-3, batch_size=32), max_chunks=60, start_acc=0.25, max_share=0.5)
 
 
 def log(msg: str) -> None:
@@ -340,53 +348,90 @@ def _paths(dir: str) -> dict[str, str]:
     return {"dir": dir, **{k: os.path.join(dir, v) for k, v in names.items()}}
 
 
-def _train(name: str, spec: dict, tokenizer, train: list[dict], val: list[dict]):
-    """Build and SFT one model from its spec; returns (model, info for info.json)."""
-    t = time.time()
+def _info(model, tokenizer, val, steps, t0, spec):
+    texts = greedy_completions(model, tokenizer, val)
+    return {"val_greedy_acc": _accuracy(texts, val), "val_well_formed": sum(_well_formed(x) for x in texts) / len(val),
+            "sft_steps": steps, "params": sum(p.numel() for p in model.parameters()),
+            "seconds": round(time.time() - t0, 1), "spec": spec}
+
+
+def _train_teacher(spec, tokenizer, train, val):
+    """Build and SFT the teacher; returns (model, info for info.json)."""
+    t0 = time.time()
     model = build_model(tokenizer, **spec["arch"])
     sft(model, tokenizer, train, **spec["sft"], log_every=spec["sft"]["steps"] // 4)
-    steps, texts = spec["sft"]["steps"], greedy_completions(model, tokenizer, val)
-    for i in range(spec.get("max_more", 0)):
-        if _accuracy(texts, val) >= spec["min_acc"]:
+    steps = spec["sft"]["steps"]
+    for i in range(spec["max_more"]):
+        acc = greedy_accuracy(model, tokenizer, val)
+        if acc >= spec["min_acc"]:
             break
-        log(f"{name}: val greedy acc {_accuracy(texts, val):.3f} < {spec['min_acc']}, training on")
+        log(f"teacher: val greedy acc {acc:.3f} < {spec['min_acc']}, training on")
         sft(model, tokenizer, train, **spec["more"], seed=100 + i)
-        steps, texts = steps + spec["more"]["steps"], greedy_completions(model, tokenizer, val)
-    info = {"val_greedy_acc": _accuracy(texts, val),
-            "val_well_formed": sum(_well_formed(x) for x in texts) / len(val),
-            "sft_steps": steps, "params": sum(p.numel() for p in model.parameters()),
-            "seconds": round(time.time() - t, 1), "spec": spec}
-    log(f"{name}: {info['params'] / 1e3:.0f}k params, {steps} SFT steps, val greedy acc "
-        f"{info['val_greedy_acc']:.3f}, well-formed {info['val_well_formed']:.3f}, {info['seconds']}s")
-    return model, info
+        steps += spec["more"]["steps"]
+    return model, _info(model, tokenizer, val, steps, t0, spec)
 
 
-def _build(tmp: str) -> None:
+def _train_student(spec, tokenizer, train, val, teacher_acc):
+    """Build the student and SFT it chunk by chunk until it starts to solve problems."""
     t0 = time.time()
-    train = make_problems(N_TRAIN, TRAIN_SEED)
-    val = make_problems(N_VAL, VAL_SEED, exclude={r["prompt"] for r in train})
+    model = build_model(tokenizer, **spec["arch"])
+    chunks = 0
+    while chunks < spec["max_chunks"]:
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        sft(model, tokenizer, train, **spec["chunk"], seed=chunks)
+        chunks += 1
+        acc = greedy_accuracy(model, tokenizer, val)
+        if acc > spec["max_share"] * teacher_acc:  # overshot: back to the chunk before
+            model.load_state_dict(before)
+            chunks -= 1
+            break
+        if acc >= spec["start_acc"]:
+            break
+    return model, _info(model, tokenizer, val, chunks * spec["chunk"]["steps"], t0, spec)
+
+
+def _specs(quick: bool):
+    """(n_train, n_val, teacher spec, student spec); `quick` is a seconds-long smoke-test
+    world with the same layout whose models have barely trained."""
+    if not quick:
+        return N_TRAIN, N_VAL, TEACHER, STUDENT
+    return (300, 40, {**TEACHER, "sft": {**TEACHER["sft"], "steps": 60}, "max_more": 0},
+            {**STUDENT, "chunk": {**STUDENT["chunk"], "steps": 10}, "max_chunks": 1})
+
+
+def _build(tmp: str, quick: bool = False) -> None:
+    t0 = time.time()
+    n_train, n_val, teacher_spec, student_spec = _specs(quick)
+    train = make_problems(n_train, TRAIN_SEED)
+    val = make_problems(n_val, VAL_SEED, exclude={r["prompt"] for r in train})
     write_jsonl(train, os.path.join(tmp, "train.jsonl"))
     write_jsonl(val, os.path.join(tmp, "val.jsonl"))
     tokenizer = build_tokenizer(tokenizer_texts(train))
     log(f"{len(train)} train / {len(val)} val problems, tokenizer (vocab {len(tokenizer)}) "
         f"in {time.time() - t0:.1f}s")
-    info = {"n_train": len(train), "n_val": len(val), "vocab": len(tokenizer)}
-    for name, spec in [("teacher", TEACHER), ("student", STUDENT)]:
-        model, info[name] = _train(name, spec, tokenizer, train, val)
+    info = {"n_train": len(train), "n_val": len(val), "vocab": len(tokenizer), "quick": quick}
+    for name in ("teacher", "student"):
+        model, info[name] = (_train_teacher(teacher_spec, tokenizer, train, val) if name == "teacher" else
+                             _train_student(student_spec, tokenizer, train, val, info["teacher"]["val_greedy_acc"]))
+        i = info[name]
+        log(f"{name}: {i['params'] / 1e3:.0f}k params, {i['sft_steps']} SFT steps, val greedy acc "
+            f"{i['val_greedy_acc']:.3f}, well-formed {i['val_well_formed']:.3f}, {i['seconds']}s")
         save_pretrained(model, tokenizer, os.path.join(tmp, name))
     info["build_seconds"] = round(time.time() - t0, 1)
     with open(os.path.join(tmp, "info.json"), "w") as f:
         json.dump(info, f, indent=2)
 
 
-def prepare(dir: str = TOY_DIR, force: bool = False) -> dict[str, str]:
+def prepare(dir: str = TOY_DIR, force: bool = False, quick: bool = False) -> dict[str, str]:
     """Build the toy world into `dir` once; later calls return the cached paths.
 
     The build goes to a sibling temp dir whose entries are then moved into `dir`;
     the `DONE` marker is moved last, so an interrupted build is redone next time.
-    Other files already in `dir` are left alone.
+    Other files already in `dir` are left alone. `quick`: the smoke-test world (seconds,
+    untrained models; for tests of the plumbing, not of learning).
     """
     paths = _paths(dir)
+    quick = quick or os.environ.get("OPD_TOY_QUICK") == "1"
     done = os.path.join(paths["dir"], "DONE")
     if os.path.exists(done) and not force:
         return paths
@@ -398,7 +443,7 @@ def prepare(dir: str = TOY_DIR, force: bool = False) -> dict[str, str]:
     os.makedirs(tmp)
     try:
         with torch_threads(1):
-            _build(tmp)
+            _build(tmp, quick)
         with open(os.path.join(tmp, "DONE"), "w") as f:
             f.write(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
         if os.path.exists(done):
@@ -418,8 +463,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", default=TOY_DIR)
     parser.add_argument("--force", action="store_true", help="rebuild even if cached")
+    parser.add_argument("--quick", action="store_true", help="a seconds-long smoke-test world (untrained models)")
     args = parser.parse_args()
-    paths = prepare(args.dir, force=args.force)
+    paths = prepare(args.dir, force=args.force, quick=args.quick)
     for k, v in paths.items():
         print(f"{k}: {v}")
     with open(os.path.join(paths["dir"], "info.json")) as f:
