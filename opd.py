@@ -474,24 +474,13 @@ def main(cfg):
         dist.destroy_process_group()
 
 
-def prepare_toy_world(cfg):
-    """Build the toy world if the config uses it and it is not completely built yet."""
-    paths = [cfg.pretrain, *(t.model_name_or_path for t in cfg.teacher.values()), *cfg.data.file_name,
-             *cfg.validation.file_name]
-    done = os.path.join(toy.TOY_DIR, "DONE")  # written last by toy.prepare
-    if any(p.startswith(toy.TOY_DIR) for p in paths) and not os.path.exists(done):
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-            toy.prepare()
-        while not os.path.exists(done):  # the other local ranks wait for rank 0's build
-            time.sleep(1)
-
-
 if __name__ == "__main__":
     try:
         cfg = parse_config(sys.argv[1:])
         config.apply_toy_defaults(cfg, config.given_keys(sys.argv[1:]))
         config.check_config(cfg, world=int(os.environ.get("WORLD_SIZE", "1")))
-        prepare_toy_world(cfg)
+        toy.prepare_if_used([cfg.pretrain, *(t.model_name_or_path for t in cfg.teacher.values()),
+                             *cfg.data.file_name, *cfg.validation.file_name])
         main(cfg)
     except (config.ConfigError, data.DataError, teachers_lib.TeacherError) as e:
         if int(os.environ.get("RANK", "0")) == 0:

@@ -459,6 +459,17 @@ def prepare(dir: str = TOY_DIR, force: bool = False, quick: bool = False) -> dic
     return paths
 
 
+def prepare_if_used(paths: list[str]) -> None:
+    """Build the world if any of `paths` lies in it and it is not completely built yet.
+    Under torchrun local rank 0 builds; the other local ranks wait for its DONE marker."""
+    done = os.path.join(TOY_DIR, "DONE")
+    if any(p.startswith(TOY_DIR) for p in paths) and not os.path.exists(done):
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            prepare()
+        while not os.path.exists(done):
+            time.sleep(1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", default=TOY_DIR)

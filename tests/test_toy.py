@@ -137,8 +137,8 @@ def test_prepare_returns_cache_without_rebuilding(tmp_path):
 def test_prepare_force_replaces_build_and_marks_done_last(tmp_path, monkeypatch):
     calls = []
 
-    def fake_build(tmp):
-        calls.append(tmp)
+    def fake_build(tmp, quick):
+        calls.append((tmp, quick))
         for name in ("train.jsonl", "val.jsonl", "info.json"):
             (open(os.path.join(tmp, name), "w")).write(str(len(calls)))
         for name in ("teacher", "student"):
@@ -152,6 +152,24 @@ def test_prepare_force_replaces_build_and_marks_done_last(tmp_path, monkeypatch)
     assert (tmp_path / "DONE").exists() and (tmp_path / "train.jsonl").read_text() == "1"
     assert not (tmp_path / "teacher" / "stale.bin").exists() and (tmp_path / "mine.txt").exists()
     assert toy.prepare(str(tmp_path)) == paths and len(calls) == 1  # cached
-    toy.prepare(str(tmp_path), force=True)
+    toy.prepare(str(tmp_path), force=True, quick=True)
     assert len(calls) == 2 and (tmp_path / "train.jsonl").read_text() == "2"
+    assert [quick for _, quick in calls] == [False, True]
     assert not [p for p in os.listdir(tmp_path.parent) if p.startswith(tmp_path.name + ".tmp-")]
+
+
+@pytest.mark.parametrize("accs, chunks", [
+    ([0.05, 0.1, 0.3, 0.4], 3),    # stops at the first chunk that reaches start_acc
+    ([0.05, 0.1, 0.7], 2),         # overshoots half the teacher: that chunk is undone
+])
+def test_student_stops_once_it_starts_to_solve_and_never_past_half_the_teacher(tokenizer, monkeypatch,
+                                                                                accs, chunks):
+    script = iter(accs)
+    monkeypatch.setattr(toy, "sft", lambda model, *a, **k: model.lm_head.weight.data.add_(1.0))
+    monkeypatch.setattr(toy, "greedy_accuracy", lambda *a, **k: next(script))
+    monkeypatch.setattr(toy, "greedy_completions", lambda model, tok, val, *a: ["\\boxed{0}"] * len(val))
+    spec = {**toy.STUDENT, "start_acc": 0.25, "max_share": 0.5, "max_chunks": 10}
+    w0 = toy.build_model(tokenizer, **spec["arch"]).lm_head.weight.clone()
+    model, info = toy._train_student(spec, tokenizer, [], [{"ground_truth": "0"}], teacher_acc=1.0)
+    assert info["sft_steps"] == chunks * spec["chunk"]["steps"]
+    assert torch.allclose(model.lm_head.weight, w0 + chunks)  # the undone chunk left no trace
