@@ -109,6 +109,7 @@ def rollout_vs_bare(rounds):
         print("| | seconds |\n|---|---|")
         print(f"| bare llm.generate | {b:.4f} |\n| rollout.generate | {o:.4f} |")
         print(f"| ratio | {o / b:.3f}x |", flush=True)
+    dist.barrier()  # as in opd.py: no rank tears down while rank 0 still prints
     del llm
 
 

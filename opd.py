@@ -469,6 +469,7 @@ def main(cfg):
     if val_items and last:
         banner("\n".join(["", "validation accuracy, before and after:", *validation.summary(first, last, step)]))
     logger.close()
+    dist.barrier()  # rank 0 may still be writing: a peer tearing down its groups early makes gloo abort
     del llm  # vLLM's shutdown tears down the default process group itself
     if dist.is_initialized():
         dist.destroy_process_group()

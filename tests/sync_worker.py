@@ -49,6 +49,7 @@ if __name__ == "__main__":
     if dist.get_rank() == 0:
         with open(out, "w") as f:
             json.dump({"start": start, "before": before, "after": after}, f)
+    dist.barrier()  # as in opd.py: no rank tears down while rank 0 still writes
     del llm
     if dist.is_initialized():
         dist.destroy_process_group()

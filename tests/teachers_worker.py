@@ -31,6 +31,26 @@ def fake_batch(rank, vocab):
                            torch.arange(len(tags)), tags, pad_id=0)
 
 
+def greedy_matches_hf(ts, rank, device, paths):
+    """Greedy decoding on a sub-group against HF generate: the members hold 1 or 3
+    prompts, so one runs a dummy micro-batch (math: 2 per micro-batch) while the other
+    decodes left-padded prompts. Returns an int tensor, 1 if every answer matched."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t = next(t for t in ts if t.model is not None)
+    eos = AutoTokenizer.from_pretrained(paths[t.name]).eos_token_id
+    g = torch.Generator().manual_seed(7 + rank)
+    prompts = [torch.randint(3, 290, (5 + i,), generator=g).tolist() for i in range(1 + 2 * (rank % 2))]
+    got = T.generate(t, prompts, max_tokens=6, eos_id=eos, pad_id=0, device=device)
+    ref_model = AutoModelForCausalLM.from_pretrained(paths[t.name])
+    ref = [ref_model.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False, eos_token_id=eos,
+                              pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+    ref = [r[:r.index(eos) + 1] if eos in r else r for r in ref]
+    ok = torch.tensor(int(got == ref and len(got) == len(prompts)))
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return ok
+
+
 if __name__ == "__main__":
     math_path, general_path, out = sys.argv[1:4]
     _, world, device = opd.init_distributed("cpu")
@@ -38,16 +58,17 @@ if __name__ == "__main__":
     batch = fake_batch(rank, 290)
     tag_ids = {t: i for i, t in enumerate(sorted(TAGS))}
     half = list(range(world // 2)), list(range(world // 2, world))
-    scores, routed, placed = {}, {}, {}
+    scores, routed = {}, {}
     for placement, (ranks_a, ranks_b) in {"disjoint": half, "overlapping": ([], [])}.items():
         ts = [T.load_teacher("math", math_path, device=device, dtype=torch.float32, ranks=ranks_a,
                              tag_included=["add", "sub"], micro_batch_size=2),
               T.load_teacher("general", general_path, device=device, dtype=torch.float32, ranks=ranks_b,
                              micro_batch_size=3)]
-        held, placed[placement] = [t.name for t in ts if t.model is not None], ts
+        held = [t.name for t in ts if t.model is not None]
         scores[placement], routed[placement], _ = T.score(ts, batch, tag_ids)
         if placement == "disjoint":
             assert held == (["math"] if rank in ranks_a else ["general"]), held  # never loads the other
+            greedy_ok = greedy_matches_hf(ts, rank, device, {"math": math_path, "general": general_path})
     diff = torch.stack([(scores["disjoint"][n] - scores["overlapping"][n]).abs().max() for n in ("math", "general")])
     dist.all_reduce(diff, op=dist.ReduceOp.MAX)
     # the moved copies of this rank's samples carry exactly its token ids
@@ -63,24 +84,10 @@ if __name__ == "__main__":
         and bool((scores["disjoint"]["math"][poem] == 0).all())
         and bool((scores["disjoint"]["general"] * batch.response_mask < 0).any())))
     dist.all_reduce(ok_routing, op=dist.ReduceOp.MIN)
-    # greedy decoding on a sub-group: members hold 1 or 3 prompts, so one runs a dummy
-    # micro-batch (math: 2 per micro-batch) while the other decodes left-padded prompts
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    t = next(t for t in placed["disjoint"] if t.model is not None)
-    eos = AutoTokenizer.from_pretrained(math_path).eos_token_id
-    g = torch.Generator().manual_seed(7 + rank)
-    prompts = [torch.randint(3, 290, (5 + i,), generator=g).tolist() for i in range(1 + 2 * (rank % 2))]
-    got = T.generate(t, prompts, max_tokens=6, eos_id=eos, pad_id=0, device=device)
-    ref_model = AutoModelForCausalLM.from_pretrained(math_path if t.name == "math" else general_path)
-    ref = [ref_model.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False, eos_token_id=eos,
-                              pad_token_id=0)[0, len(p):].tolist() for p in prompts]
-    ref = [r[:r.index(eos) + 1] if eos in r else r for r in ref]
-    greedy_ok = torch.tensor(int(got == ref and len(got) == len(prompts)))
-    dist.all_reduce(greedy_ok, op=dist.ReduceOp.MIN)
     if rank == 0:
         with open(out, "w") as f:
             json.dump({"max_diff_math": diff[0].item(), "max_diff_general": diff[1].item(),
                        "same_ids": bool(same), "routing_ok": bool(ok_routing),
                        "greedy_matches_hf": bool(greedy_ok)}, f)
+    dist.barrier()  # rank 0 may still be writing: a peer tearing down early makes gloo abort
     dist.destroy_process_group()
