@@ -195,13 +195,35 @@ def sync_weights(llm, model, dtype=None, bucket_mb=256):
     Checked against vLLM 0.32.0: `reload_weights` re-runs the checkpoint loader over the
     stream (calling model.load_weights directly fails on CPU, which repacks weights)."""
 
+    tied = tied_head_name(model)
+
     def stream():
         for name, full in gathered_params(model, bucket_mb * 2**20):
-            yield name, full.to(dtype) if dtype is not None else full
+            full = full.to(dtype) if dtype is not None else full
+            yield name, full
+            if tied and name == tied[0]:
+                yield tied[1], full
 
     llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream()})
     # Cached prefixes were computed with the old weights.
     llm.reset_prefix_cache()
+
+
+def tied_head_name(model):
+    """(embedding name, head name) when the output head is the input embedding, else None.
+
+    A tied model lists the shared matrix once, under the embedding's name. vLLM's CPU
+    backend keeps a separately repacked copy of the head, which a reload of the embedding
+    alone leaves stale ("ParallelLMHead: Failed to load weights"; sampler logprobs then
+    off by up to 0.07 on the tied test model), so the sync sends the matrix under the
+    head's name too. Where vLLM shares the head (GPU) it skips that name. vLLM 0.32.0."""
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return None
+    names = {id(m): n for n, m in model.named_modules()}
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or id(head) not in names:
+        return None
+    return f"{names[id(emb)]}.weight", f"{names[id(head)]}.weight"
 
 
 def gathered_params(model, bucket_bytes):

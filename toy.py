@@ -210,8 +210,8 @@ def encode_answer(tokenizer, record: dict) -> list[int]:
 
 
 def build_model(tokenizer, *, hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32,
-                intermediate_size=128, seed=0, init_std=0.02) -> Qwen3ForCausalLM:
-    """A freshly initialised fp32 Qwen3 with an untied head; deterministic in `seed`."""
+                intermediate_size=128, seed=0, init_std=0.02, tie_word_embeddings=False) -> Qwen3ForCausalLM:
+    """A freshly initialised fp32 Qwen3 (untied head unless asked); deterministic in `seed`."""
     if head_dim < 32:
         raise ValueError(f"head_dim must be >= 32 (vLLM CPU attention), got {head_dim}")
     config = Qwen3Config(
@@ -224,7 +224,7 @@ def build_model(tokenizer, *, hidden_size=64, num_layers=2, num_heads=2, num_kv_
         head_dim=head_dim,
         max_position_embeddings=512,
         initializer_range=init_std,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
         bos_token_id=tokenizer.pad_token_id,  # as in Qwen: bos id = <|endoftext|>, never prepended
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
