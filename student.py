@@ -41,7 +41,10 @@ def build_student(path, st, device, total_steps):
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     model.to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=st.lr, weight_decay=st.weight_decay)
+    # fused: one kernel per step over all parameters. The default on CPU is a loop of ~10
+    # ops per parameter, each a DTensor dispatch under FSDP2: 3.2 -> 1.4 ms on the tiny
+    # peer-benchmark student, 428 -> 268 ms (with grad clipping) on an 8-layer SmolLM2.
+    opt = torch.optim.AdamW(model.parameters(), lr=st.lr, weight_decay=st.weight_decay, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, st, total_steps))
     return model, opt, sched
 
