@@ -302,8 +302,9 @@ def response_logp(model, batch, temperature=1.0):
     teachers (under no_grad, temperature 1), so both read the very token ids vLLM sampled.
     Only the last R+1 positions go through the LM head: prompts can be long."""
     R = batch.response_mask.shape[1]
+    # use_cache=False: transformers would otherwise build a KV cache of the whole batch
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                   position_ids=batch.position_ids, logits_to_keep=R + 1).logits
+                   position_ids=batch.position_ids, logits_to_keep=R + 1, use_cache=False).logits
     logits = logits[:, :-1].float() / temperature
     targets = batch.input_ids[:, batch.prompt_len:]
     # logsumexp + gather instead of a full log_softmax: one [B, R, V] buffer fewer
