@@ -153,7 +153,7 @@ def sampling_params(**kw):
     nothing else; `flat_logprobs` keeps them in flat lists instead of a dict of Logprob
     objects per token; `detokenize=False` skips the text, which with logprobs on also
     means one tokenizer call per sampled token (we decode what we need ourselves). On the
-    tiny benchmark workload these two flags took a bare generate from 75 to 63 ms."""
+    tiny peer-benchmark workload these two flags took a bare generate from 72-75 to 60 ms."""
     from vllm import SamplingParams
 
     return SamplingParams(logprobs=0, flat_logprobs=True, detokenize=False, **kw)
@@ -216,7 +216,8 @@ def tied_head_name(model):
     backend keeps a separately repacked copy of the head, which a reload of the embedding
     alone leaves stale ("ParallelLMHead: Failed to load weights"; sampler logprobs then
     off by up to 0.07 on the tied test model), so the sync sends the matrix under the
-    head's name too. Where vLLM shares the head (GPU) it skips that name. vLLM 0.32.0."""
+    head's name too. Where vLLM's head and embedding share one tensor (GPU), that loads
+    the same values twice. Checked on vLLM 0.32.0."""
     if not getattr(model.config, "tie_word_embeddings", False):
         return None
     names = {id(m): n for n, m in model.named_modules()}

@@ -23,9 +23,9 @@ minutes on two CPU cores and nothing is downloaded):
   * both step counts look at validation accuracy (the teacher trains on while it is
     below `TEACHER["min_acc"]`, the student stops at `STUDENT["start_acc"]`), a mild
     peek at val a real setup would avoid;
-  * the head is untied from the embeddings (vLLM's CPU backend has trouble
-    re-syncing tied heads after weight updates), and head_dim is >= 32 (vLLM's CPU
-    attention kernel rejects smaller heads).
+  * the head is untied from the embeddings (as when the world was first built, before
+    the weight sync handled tied heads; tied ones now sync too, see the weight-sync
+    test), and head_dim is >= 32 (vLLM's CPU attention kernel rejects smaller heads).
 
 Run `python toy.py [--force] [--quick]` to build the cache (default: $OPD_TOY_DIR or
 .cache/toy-v<VERSION> next to this file; $OPD_TOY_QUICK=1 makes the default build quick).
