@@ -270,6 +270,41 @@ class Logger:
             self.jsonl.close()
 
 
+def step_metrics(g, timing, t_each, scorers, all_tags, lr, device):
+    """The step's metrics from its reduced sums `g` and this rank's phase `timing`; peak
+    memory and each teacher's time are the slowest rank's (one MAX all-reduce)."""
+    peaks = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                          *(t_each[t.name] for t in scorers)], device=device)
+    dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
+    rss, t_each = peaks[0].item(), dict(zip([t.name for t in scorers], peaks[1:].tolist()))
+    return {
+        "train/reverse_kl": g["kl"] / g["tokens"],
+        "train/loss": g["loss"],
+        "train/grad_norm": g["grad_norm"],
+        "train/is_ratio_mean": g["ratio"] / g["tokens"],
+        "train/clip_frac": g["clip"] / g["tokens"],
+        "train/response_len": g["tokens"] / g["seqs"],
+        "train/lr": lr,
+        **{k: v for t in scorers for k, v in (
+            (f"teacher/{t.name}/reverse_kl", g[f"kl/{t.name}"] / max(g[f"tokens/{t.name}"], 1)),
+            (f"teacher/{t.name}/routed_frac", g[f"routed/{t.name}"] / g["seqs"]),
+            (f"timing/teacher/{t.name}_s", t_each[t.name]))},
+        **validation.per_tag_means(g, "reward", "mean", all_tags),
+        **{f"timing/{phase}_s": s for phase, s in timing.items()},
+        "throughput/tokens_per_s": g["all_tokens"] / timing["step"],
+        "memory/peak_rss_gib": rss,
+    }
+
+
+def progress_line(step, max_steps, m, g):
+    return (f"step {step:4d}/{max_steps} | kl {m['train/reverse_kl']:7.4f} | "
+            f"reward {g['reward/sum'] / max(g['reward/n'], 1):5.3f} | "
+            f"loss {m['train/loss']:8.4f} | gnorm {m['train/grad_norm']:7.3f} | "
+            f"len {m['train/response_len']:5.1f} | rollout {m['timing/rollout_s']:5.2f}s teacher "
+            f"{m['timing/teacher_s']:5.2f}s train {m['timing/train_s']:5.2f}s sync {m['timing/sync_s']:5.2f}s | "
+            f"{m['throughput/tokens_per_s']:7.0f} tok/s")
+
+
 def banner(msg):
     if dist.get_rank() == 0:
         print(msg, flush=True)
@@ -427,40 +462,16 @@ def main(cfg):
         g = student_lib.reduce_sums(sums, device)
         step_s = time.perf_counter() - t_step
         elapsed, tokens_total = elapsed + step_s, tokens_total + g["all_tokens"]
-        peaks = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-                              *(t_each[t.name] for t in scorers)], device=device)
-        dist.all_reduce(peaks, op=dist.ReduceOp.MAX)  # memory and per-teacher time: the max rank
-        rss, t_each = peaks[0].item(), dict(zip([t.name for t in scorers], peaks[1:].tolist()))
-        metrics = {
-            "train/reverse_kl": g["kl"] / g["tokens"],
-            "train/loss": g["loss"],
-            "train/grad_norm": g["grad_norm"],
-            "train/is_ratio_mean": g["ratio"] / g["tokens"],
-            "train/clip_frac": g["clip"] / g["tokens"],
-            "train/response_len": g["tokens"] / g["seqs"],
-            "train/lr": sched.get_last_lr()[0],
-            **{k: v for t in scorers for k, v in (
-                (f"teacher/{t.name}/reverse_kl", g[f"kl/{t.name}"] / max(g[f"tokens/{t.name}"], 1)),
-                (f"teacher/{t.name}/routed_frac", g[f"routed/{t.name}"] / g["seqs"]),
-                (f"timing/teacher/{t.name}_s", t_each[t.name]))},
-            **validation.per_tag_means(g, "reward", "mean", all_tags),
-            "timing/rollout_s": t_rollout, "timing/reward_s": t_reward, "timing/teacher_s": t_teacher,
-            "timing/train_s": t_train, "timing/sync_s": t_sync, "timing/step_s": step_s,
-            "timing/elapsed_s": elapsed, "throughput/tokens_per_s": g["all_tokens"] / step_s,
-            "throughput/tokens_total": tokens_total,
-            "memory/peak_rss_gib": rss,
-        }
+        timing = dict(rollout=t_rollout, reward=t_reward, teacher=t_teacher, train=t_train, sync=t_sync,
+                      step=step_s, elapsed=elapsed)
+        metrics = step_metrics(g, timing, t_each, scorers, all_tags, sched.get_last_lr()[0], device)
+        metrics["throughput/tokens_total"] = tokens_total
         examples = []
         if val_items and (step % cfg.validation.eval_steps == 0 or step == cfg.max_steps):
             last, examples = validate(step)
             metrics.update(last)
         logger.log(step, metrics, examples)
-        banner(f"step {step:4d}/{cfg.max_steps} | kl {metrics['train/reverse_kl']:7.4f} | "
-               f"reward {g['reward/sum'] / max(g['reward/n'], 1):5.3f} | "
-               f"loss {metrics['train/loss']:8.4f} | gnorm {metrics['train/grad_norm']:7.3f} | "
-               f"len {metrics['train/response_len']:5.1f} | rollout {t_rollout:5.2f}s teacher "
-               f"{t_teacher:5.2f}s train {t_train:5.2f}s sync {t_sync:5.2f}s | "
-               f"{metrics['throughput/tokens_per_s']:7.0f} tok/s")
+        banner(progress_line(step, cfg.max_steps, metrics, g))
         if step == cfg.max_steps or (cfg.save_steps and step % cfg.save_steps == 0):
             path = os.path.join(cfg.output_dir, "checkpoints", f"step_{step}")
             student_lib.save_checkpoint(student, tokenizer, path)
