@@ -13,7 +13,10 @@ Owns
   * `sleep` / `wake_up`  free the engine's memory during training where the platform
                     can (GPU); a no-op on CPU, where vLLM has no sleep mode.
 
-Knows nothing about teachers or losses. Simplified: single-turn rollouts only; vLLM must
+Multi-turn episodes (agent.py) use the same Rollout: the response part then holds every
+turn, with `response_mask` 1 only on the tokens the engine sampled.
+
+Knows nothing about teachers or losses. Simplified: vLLM must
 run in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0): tensors cannot be pickled to an engine
 process and external_launcher requires it anyway.
 """
@@ -72,7 +75,7 @@ class Rollout:
         return self.input_ids.shape[0]
 
     def response_ids(self):
-        """The sampled token ids of every response, without padding (list of lists)."""
+        """The sampled token ids of every (single-turn) response, without padding."""
         lengths = self.response_mask.sum(-1).long().tolist()
         return [row[:n] for row, n in zip(self.input_ids[:, self.prompt_len:].tolist(), lengths)]
 
@@ -166,17 +169,19 @@ def sampled_logprobs(completion, ids):
     return flat.logprobs
 
 
-def collate(prompt_rows, resp_rows, logp_rows, group, tags, pad_id):
-    """Pad prompts on the left and responses on the right into one Rollout."""
+def collate(prompt_rows, resp_rows, logp_rows, group, tags, pad_id, mask_rows=None):
+    """Pad prompts on the left and responses on the right into one Rollout. `mask_rows`:
+    which response tokens were sampled (multi-turn rows hold observations too); None = all."""
     flip = [p.flip(0) for p in prompt_rows]
     prompt = pad_sequence(flip, batch_first=True, padding_value=pad_id).flip(1)
     prompt_mask = pad_sequence([torch.ones_like(p) for p in flip], batch_first=True).flip(1)
     resp = pad_sequence(resp_rows, batch_first=True, padding_value=pad_id)
-    resp_mask = pad_sequence([torch.ones_like(r) for r in resp_rows], batch_first=True)
+    resp_attn = pad_sequence([torch.ones_like(r) for r in resp_rows], batch_first=True)
+    resp_mask = resp_attn if mask_rows is None else pad_sequence(mask_rows, batch_first=True)
     logp = pad_sequence(logp_rows, batch_first=True, padding_value=0.0)
     return Rollout(
         input_ids=torch.cat([prompt, resp], 1),
-        attention_mask=torch.cat([prompt_mask, resp_mask], 1),
+        attention_mask=torch.cat([prompt_mask, resp_attn], 1),
         response_mask=resp_mask.float(),
         rollout_logp=logp,
         prompt_len=prompt.shape[1],
