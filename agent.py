@@ -276,7 +276,9 @@ def evaluate(llm, pairs, specs, tokenizer, template_of, cfg, device):
     play(vllm_actor(llm, temperature=cfg.validation.temperature), eps, tokenizer,
          cfg.prompt_length + cfg.response_length)
     metrics = _success_metrics(eps, pairs, "val", "success", device, counted=rank % tp == 0)
-    return metrics, [transcript(e) for e in eps[:cfg.validation.num_examples]] if rank == 0 else []
+    firsts = [next(e for e in eps if e.tag == tag) for tag in sorted({e.tag for e in eps})]  # one per tag
+    shown = (firsts + [e for e in eps if e not in firsts])[:cfg.validation.num_examples]
+    return metrics, [transcript(e) for e in shown] if rank == 0 else []
 
 
 def teacher_success(teachers, pairs, specs, tokenizer, template_of, cfg, device):

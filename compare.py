@@ -4,6 +4,7 @@ off-policy distillation, on the toy world, with the same budget.
     python compare.py                    # all four methods at the default settings
     python compare.py --methods opd rl   # a subset
     python compare.py -- --max_steps 50  # flags after `--` go to every run of opd.py
+    python compare.py --agentic          # the agentic toy (configs/agentic_toy.yaml): opd, rl, mixed
 
 Each method is one `torchrun --nproc_per_node=2 opd.py` run with the default (toy) config
 and the same seed, steps, batch, learning rate and validation schedule; only the method
@@ -13,6 +14,10 @@ flags differ:
     rl          plain RL from the math reward only (no teacher), GRPO advantage
     mixed       GRPO advantage from the math reward minus the teacher's reverse KL
     off_policy  SFT on answers the teacher sampled (the teacher's own rollouts)
+
+With --agentic every run starts from configs/agentic_toy.yaml (multi-turn games; the
+reward of rl and mixed is the episodes' env reward, the score is greedy validation
+success) and writes compare_agentic.md / compare_agentic.png; off_policy is rlvr only.
 
 Writes, into --out (default results/): `compare.md` (the table: start and final greedy
 validation accuracy, the first validation step, training seconds and tokens at which the
@@ -39,18 +44,19 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 METHODS = {
     "opd": [],
-    "rl": ["--teacher.model_name_or_path", ""],
+    "rl": ["--teacher.model_name_or_path", ""],  # no teacher: the math (rlvr) or env (agentic) reward
     "mixed": ["--use_opd"],
     "off_policy": ["--off_policy"],
 }
-LABELS = {"opd": "on-policy distillation", "rl": "plain RL (math reward)",
+LABELS = {"opd": "on-policy distillation", "rl": "plain RL (reward only)",
           "mixed": "mixed (RL + OPD)", "off_policy": "off-policy distillation (SFT)"}
 
 
-def run(method, extra):
+def run(method, extra, agentic=False):
     """One opd.py run; returns (its validation rows, the whole run's wall seconds)."""
-    run_dir = os.path.join(ROOT, "runs", "compare", method)
-    cmd = [TORCHRUN, "--nproc_per_node=2", os.path.join(ROOT, "opd.py"), *METHODS[method],
+    run_dir = os.path.join(ROOT, "runs", "compare", ("agentic-" if agentic else "") + method)
+    preset = ["--config", os.path.join(ROOT, "configs", "agentic_toy.yaml")] if agentic else []
+    cmd = [TORCHRUN, "--nproc_per_node=2", os.path.join(ROOT, "opd.py"), *preset, *METHODS[method],
            "--output_dir", run_dir, *extra]
     print(f"[compare] {method}: {' '.join(cmd[1:])}", flush=True)
     t0 = time.time()
@@ -62,14 +68,14 @@ def run(method, extra):
     return rows, time.time() - t0
 
 
-def summarize(rows, teacher_acc):
-    """The table's numbers for one method from its metrics.jsonl rows."""
-    val = [r for r in rows if "val/accuracy" in r]
+def summarize(rows, teacher_acc, key="val/accuracy"):
+    """The table's numbers for one method from its metrics.jsonl rows (`key`: the score)."""
+    val = [r for r in rows if key in r]
     steps = [r for r in rows if "timing/elapsed_s" in r]
-    hit = next((r for r in val if r["val/accuracy"] >= 0.9 * teacher_acc), None)
+    hit = next((r for r in val if r[key] >= 0.9 * teacher_acc), None)
     return {
-        "start": val[0]["val/accuracy"], "final": val[-1]["val/accuracy"],
-        "best": max(r["val/accuracy"] for r in val),
+        "start": val[0][key], "final": val[-1][key],
+        "best": max(r[key] for r in val),
         "step90": hit["step"] if hit else None,
         "s90": hit.get("timing/elapsed_s", 0.0) if hit else None,
         "tok90": hit.get("throughput/tokens_total", 0) if hit else None,
@@ -78,11 +84,12 @@ def summarize(rows, teacher_acc):
     }
 
 
-def table(results, teacher_acc, walls):
+def table(results, teacher_acc, walls, name="accuracy"):
     fmt = lambda v, f: "not reached" if v is None else format(v, f)
-    lines = [f"Teacher greedy validation accuracy: **{teacher_acc:.3f}**; target (90%): "
+    short = name[:3] if name == "accuracy" else name
+    lines = [f"Teacher greedy validation {name}: **{teacher_acc:.3f}**; target (90%): "
              f"{0.9 * teacher_acc:.3f}.", "",
-             "| method | start acc | final acc | best acc | step at 90% | train s at 90% | "
+             f"| method | start {short} | final {short} | best {short} | step at 90% | train s at 90% | "
              "tokens at 90% | steps | train s | tokens | run wall s |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for m, s in results.items():
@@ -92,7 +99,7 @@ def table(results, teacher_acc, walls):
     return "\n".join(lines) + "\n"
 
 
-def plot(all_rows, teacher_acc, path):
+def plot(all_rows, teacher_acc, path, key="val/accuracy", title="Toy arithmetic world"):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -103,8 +110,8 @@ def plot(all_rows, teacher_acc, path):
         elapsed, val = 0.0, []
         for r in rows:  # validation rows carry the elapsed time of their step (0 before step 1)
             elapsed = r.get("timing/elapsed_s", elapsed)
-            if "val/accuracy" in r:
-                val.append((r["step"], elapsed, r["val/accuracy"]))
+            if key in r:
+                val.append((r["step"], elapsed, r[key]))
         axes[0].plot([v[0] for v in val], [v[2] for v in val], marker=".", label=LABELS[m])
         axes[1].plot([v[1] for v in val], [v[2] for v in val], marker=".", label=LABELS[m])
     for ax, xlabel in zip(axes, ("step", "training time (s, validation excluded)")):
@@ -112,9 +119,9 @@ def plot(all_rows, teacher_acc, path):
         ax.axhline(0.9 * teacher_acc, color="gray", ls=":", lw=1, label="90% of teacher")
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("greedy validation accuracy")
+    axes[0].set_ylabel(f"greedy validation {key.split('/')[-1]}")
     axes[1].legend(loc="lower right", fontsize=8)
-    fig.suptitle("Toy arithmetic world, 2 ranks on CPU: student accuracy by method")
+    fig.suptitle(f"{title}, 2 ranks on CPU: student {key.split('/')[-1]} by method")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
 
@@ -124,23 +131,30 @@ def main():
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  epilog="Flags after `--` are passed to every opd.py run.")
-    ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=None,
+                    help="default: all four (rlvr), opd rl mixed (--agentic)")
+    ap.add_argument("--agentic", action="store_true", help="the agentic toy: multi-turn games")
     ap.add_argument("--out", default=os.path.join(ROOT, "results"), help="where the table and plot go")
     args = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    methods = args.methods or (["opd", "rl", "mixed"] if args.agentic else list(METHODS))
+    if args.agentic and "off_policy" in methods:
+        sys.exit("compare: off_policy is rlvr only (not with --agentic)")
+    name, stem = ("success", "compare_agentic") if args.agentic else ("accuracy", "compare")
     os.makedirs(args.out, exist_ok=True)
     all_rows, walls = {}, {}
-    for m in args.methods:
-        all_rows[m], walls[m] = run(m, extra)
-    teacher_acc = next((r["val/teacher_accuracy"] for rows in all_rows.values() for r in rows
-                        if "val/teacher_accuracy" in r), None)
+    for m in methods:
+        all_rows[m], walls[m] = run(m, extra, args.agentic)
+    teacher_acc = next((r[f"val/teacher_{name}"] for rows in all_rows.values() for r in rows
+                        if f"val/teacher_{name}" in r), None)
     if teacher_acc is None:
-        sys.exit("compare: no run logged val/teacher_accuracy; include a method with a teacher")
-    results = {m: summarize(rows, teacher_acc) for m, rows in all_rows.items()}
-    text = table(results, teacher_acc, walls)
-    with open(os.path.join(args.out, "compare.md"), "w") as f:
+        sys.exit(f"compare: no run logged val/teacher_{name}; include a method with a teacher")
+    results = {m: summarize(rows, teacher_acc, f"val/{name}") for m, rows in all_rows.items()}
+    text = table(results, teacher_acc, walls, name)
+    with open(os.path.join(args.out, f"{stem}.md"), "w") as f:
         f.write(text)
-    plot(all_rows, teacher_acc, os.path.join(args.out, "compare.png"))
-    print(text + f"\nwrote {args.out}/compare.md and {args.out}/compare.png")
+    plot(all_rows, teacher_acc, os.path.join(args.out, f"{stem}.png"), f"val/{name}",
+         "Agentic toy (guess the number, Nim)" if args.agentic else "Toy arithmetic world")
+    print(text + f"\nwrote {args.out}/{stem}.md and {args.out}/{stem}.png")
 
 
 if __name__ == "__main__":

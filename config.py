@@ -6,7 +6,8 @@ is not a field is an error that names the file and the dotted key and suggests t
 closest field; a value of the wrong type names its key too. The schema itself (the
 dataclasses and their docstrings, which are the --help) lives in opd.py.
 
-Also owns the start-up checks of a parsed config (`check_config`, `check_lengths`) and
+Also owns the start-up checks of a parsed config (`check_config`, `check_envs`,
+`check_lengths`) and
 the rule that the toy world's teacher and validation split are defaults for the toy
 student only (`apply_toy_defaults`).
 
@@ -47,8 +48,16 @@ def from_dict(cls, values, where):
 
 def _coerce(val, typ, where):
     origin, args = typing.get_origin(typ), typing.get_args(typ)
-    if origin is typing.Union:  # Optional[X]
-        return None if val is None else _coerce(val, args[0], where)
+    if origin is typing.Union:  # Optional[X], or a union of scalars: the first that fits
+        options = [a for a in args if a is not type(None)]
+        if val is None and len(options) < len(args):
+            return None
+        for opt in options[:-1]:
+            try:
+                return _coerce(val, opt, where)
+            except ConfigError:
+                pass
+        return _coerce(val, options[-1], where)
     if origin is Literal:
         if val not in args:
             raise ConfigError(f"{where}: {val!r} is not one of {', '.join(map(str, args))}")
@@ -137,9 +146,12 @@ def check_config(cfg, world):
         if any(not 0 <= r < world for r in t.device_mapping):
             raise ConfigError(f"teacher.{name}.device_mapping: {t.device_mapping} has ranks "
                                      f"outside the world of {world}")
-    if not cfg.teacher and not cfg.rewards:
+    agentic = cfg.pure_opd_pipeline_type == "agentic"
+    if agentic:
+        check_envs(cfg)
+    if not cfg.teacher and not cfg.rewards and not agentic:
         raise ConfigError("no teacher and no rewards: nothing to learn from")
-    if cfg.use_opd and not cfg.rewards:
+    if cfg.use_opd and not cfg.rewards and not agentic:
         raise ConfigError("use_opd (mixed mode) needs at least one entry in rewards")
     if cfg.off_policy:
         t = next(iter(cfg.teacher.values()), None)
@@ -153,11 +165,51 @@ def check_config(cfg, world):
     data.check_templates(cfg.global_template, cfg.tag_to_template)
     for where, path in (("pretrain", cfg.pretrain), *((f"teacher.{n}.model_name_or_path", t.model_name_or_path)
                                                       for n, t in cfg.teacher.items())):
-        if not path or path.startswith(toy.TOY_DIR):
-            continue  # no teacher (plain RL), or the toy world, built on first use
+        if not path or os.path.abspath(path).startswith((toy.TOY_DIR, _agentic_toy_dir())):
+            continue  # no teacher (plain RL), or a toy world, built on first use
         hub_id = not os.path.exists(path) and path.count("/") == 1 and not path.startswith(("/", "."))
         if not hub_id and not os.path.isfile(os.path.join(path, "config.json")):
             raise ConfigError(f"{where}: {path!r} is not a model directory (no config.json there)")
+
+
+def check_envs(cfg):
+    """Agentic mode: every env exists and can be made, every listed tag has one, turn limits
+    are sane. (Whether a first observation fits prompt_length is checked in check_lengths.)"""
+    import envs
+
+    if not cfg.custom_envs:
+        raise ConfigError("pure_opd_pipeline_type=agentic needs custom_envs (tag -> {env_type, env_config})")
+    if cfg.off_policy:
+        raise ConfigError("off_policy (SFT on teacher samples) is for pure_opd_pipeline_type=rlvr only")
+    for where in ("train_env_manager", "val_env_manager"):
+        for tag in getattr(cfg, where).tags:
+            if tag not in cfg.custom_envs:
+                raise ConfigError(f"{where}.tags: '{tag}' has no env in custom_envs "
+                                  f"(known tags: {', '.join(sorted(cfg.custom_envs))})")
+    for tag, spec in cfg.custom_envs.items():
+        where = f"custom_envs.{tag}"
+        if spec.max_turns < 1:
+            raise ConfigError(f"{where}.max_turns must be >= 1, got {spec.max_turns}")
+        if spec.max_tokens_per_turn < 1:
+            raise ConfigError(f"{where}.max_tokens_per_turn must be >= 1, got {spec.max_tokens_per_turn}")
+        if spec.max_tokens_per_turn > cfg.response_length:
+            raise ConfigError(f"{where}.max_tokens_per_turn={spec.max_tokens_per_turn} does not fit in "
+                              f"response_length={cfg.response_length} (the room after the first observation "
+                              "for every action and observation of an episode)")
+        try:
+            envs.make(spec.env_type, **spec.env_config).reset(seed=0)
+        except KeyError as e:
+            raise ConfigError(f"{where}.env_type: {e.args[0]}") from None
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{where}.env_config: {spec.env_type} rejects {spec.env_config}: {e}") from None
+    if cfg.val_env_manager.num_env_groups < 1 and cfg.validation.eval_steps:
+        raise ConfigError(f"val_env_manager.num_env_groups must be >= 1, got {cfg.val_env_manager.num_env_groups}")
+
+
+def _agentic_toy_dir():
+    import toy_agentic  # not at the top: it imports the rollout stack
+
+    return toy_agentic.TOY_DIR
 
 
 def check_lengths(cfg):
@@ -167,3 +219,14 @@ def check_lengths(cfg):
     if cfg.prompt_length + cfg.response_length > n_pos:
         raise ConfigError(f"prompt_length + response_length = {cfg.prompt_length + cfg.response_length} "
                           f"exceeds the student's max_position_embeddings ({n_pos})")
+    if cfg.pure_opd_pipeline_type == "agentic":  # a first observation plus one turn must fit
+        import agent
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(cfg.pretrain)
+        for tag, spec in cfg.custom_envs.items():
+            template = cfg.tag_to_template.get(tag, cfg.global_template)
+            for seed in range(8):
+                if agent.start(spec, tag, seed, 0, tokenizer, template, cfg.prompt_length) is None:
+                    raise ConfigError(f"custom_envs.{tag}: the first observation (seed {seed}) is longer than "
+                                      f"prompt_length={cfg.prompt_length} tokens; raise prompt_length")

@@ -10,33 +10,38 @@ weights are streamed into vLLM and the next step samples from them.
     torchrun --nproc_per_node=8 opd.py --config configs/qwen3_32b_to_8b.yaml
     python opd.py --max_steps 5 --output_dir runs/x --student_train.lr 1e-4
     python opd.py --help                              # every field, with its docstring
+    torchrun --nproc_per_node=2 opd.py --config configs/agentic_toy.yaml   # multi-turn games
 
 This file owns the config schema, distributed init, building the pieces, and the step
 loop (rollout -> rewards -> teacher -> loss + FSDP2 step -> weight sync -> log, validate,
-checkpoint) with its logging. Not a framework: fork it.
+checkpoint); logs.py writes what it logs. With pure_opd_pipeline_type=agentic the rollout
+is multi-turn episodes in environments (agent.py) and their reward is the env's.
+Not a framework: fork it.
 """
 
 import dataclasses
 import datetime
-import json
 import os
-import resource
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from types import SimpleNamespace
+from typing import Literal, Optional, Union
 
 import torch
 import torch.distributed as dist
 
 import rollout  # noqa: I001  first: sets the vLLM environment before vLLM is imported
+import agent
 import config
 import data
 import rewards
 import student as student_lib
 import teachers as teachers_lib
 import toy
+import toy_agentic
 import validation
+from logs import Logger, banner, progress_line, step_metrics
 from loss import rl_advantages
 
 # ----------------------------------------------------------------------------------------
@@ -140,6 +145,27 @@ class Validation:
 
 
 @dataclass
+class EnvSpec:
+    env_type: str = "guess_number"
+    """Environment id: guess_number | nim (envs.py) | gem:<GEM id> (e.g. gem:game:GuessTheNumber-v0-hard)."""
+    env_config: dict[str, Union[int, float, str]] = field(default_factory=dict)
+    """Keyword arguments of the environment, e.g. {low: 1, high: 50}."""
+    max_turns: int = 8
+    """Most actions per episode (ROLL: max_actions_per_traj)."""
+    max_tokens_per_turn: int = 16
+    """Most tokens sampled per action (ROLL: max_tokens_per_step)."""
+
+
+@dataclass
+class EnvManager:
+    tags: list[str] = field(default_factory=list)
+    """custom_envs tags to play, in turn; empty = all of them."""
+    num_env_groups: int = 64
+    """val_env_manager: validation episodes per tag (one greedy episode per env seed).
+    Training plays rollout_batch_size groups per step."""
+
+
+@dataclass
 class Config:
     config: Optional[str] = None
     """YAML preset to start from; flags given after it override its values."""
@@ -149,6 +175,14 @@ class Config:
     """Teachers by name. YAML may give one teacher's fields directly (it is then named
     'default', and --teacher.<field> flags address it); {} = no teacher (plain RL)."""
     data: Data = field(default_factory=Data)
+    pure_opd_pipeline_type: Literal["rlvr", "agentic"] = "rlvr"
+    """rlvr: single-turn prompts from data files; agentic: multi-turn episodes in custom_envs."""
+    custom_envs: dict[str, EnvSpec] = field(default_factory=dict)
+    """Agentic: environments by tag (the tag routes episodes to teachers, like a sample tag)."""
+    train_env_manager: EnvManager = field(default_factory=EnvManager)
+    """Agentic: which envs training plays."""
+    val_env_manager: EnvManager = field(default_factory=EnvManager)
+    """Agentic: which envs validation plays, and how many episodes per tag."""
     student_train: StudentTrain = field(default_factory=StudentTrain)
     student_infer: StudentInfer = field(default_factory=StudentInfer)
     rollout_batch_size: int = 64
@@ -239,75 +273,46 @@ def init_distributed(device):
 
 
 # ----------------------------------------------------------------------------------------
-# Logging
+# What the student plays: prompts (rlvr) or environments (agentic)
 
 
-class Logger:
-    """metrics.jsonl + TensorBoard + one console line per step, on rank 0 only."""
-
-    def __init__(self, output_dir, enabled):
-        self.enabled = enabled
-        if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(log_dir=output_dir)
-            self.jsonl = open(os.path.join(output_dir, "metrics.jsonl"), "a")
-
-    def log(self, step, metrics, examples=()):
-        if not self.enabled:
-            return
-        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.jsonl.flush()
-        for k, v in metrics.items():
-            self.tb.add_scalar(k, v, step)
-        if examples:
-            self.tb.add_text("val/examples", "\n\n".join(examples), step)
-        self.tb.flush()
-
-    def close(self):
-        if self.enabled:
-            self.tb.close()
-            self.jsonl.close()
-
-
-def step_metrics(g, timing, t_each, scorers, all_tags, lr, device):
-    """The step's metrics from its reduced sums `g` and this rank's phase `timing`; peak
-    memory and each teacher's time are the slowest rank's (one MAX all-reduce)."""
-    peaks = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-                          *(t_each[t.name] for t in scorers)], device=device)
-    dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
-    rss, t_each = peaks[0].item(), dict(zip([t.name for t in scorers], peaks[1:].tolist()))
-    return {
-        "train/reverse_kl": g["kl"] / g["tokens"],
-        "train/loss": g["loss"],
-        "train/grad_norm": g["grad_norm"],
-        "train/is_ratio_mean": g["ratio"] / g["tokens"],
-        "train/clip_frac": g["clip"] / g["tokens"],
-        "train/response_len": g["tokens"] / g["seqs"],
-        "train/lr": lr,
-        **{k: v for t in scorers for k, v in (
-            (f"teacher/{t.name}/reverse_kl", g[f"kl/{t.name}"] / max(g[f"tokens/{t.name}"], 1)),
-            (f"teacher/{t.name}/routed_frac", g[f"routed/{t.name}"] / g["seqs"]),
-            (f"timing/teacher/{t.name}_s", t_each[t.name]))},
-        **validation.per_tag_means(g, "reward", "mean", all_tags),
-        **{f"timing/{phase}_s": s for phase, s in timing.items()},
-        "throughput/tokens_per_s": g["all_tokens"] / timing["step"],
-        "memory/peak_rss_gib": rss,
-    }
+def load_data(cfg, tokenizer, dp_rank, dp_size):
+    """Prompts rendered per tag, skipped when too long or routed nowhere; the validation
+    prompts; each record checked against the rewards that will score it."""
+    # the tag lists of what can use a prompt: rewards (also for validation) and teachers
+    reward_tags = [r.tag_included for r in cfg.rewards.values()]
+    teacher_tags = [t.tag_included for t in cfg.teacher.values()]
+    load = lambda files, users: data.load_prompts(files, tokenizer, cfg.prompt_length,
+                                                  cfg.global_template, cfg.tag_to_template, users)
+    items, notes = load(cfg.data.file_name, reward_tags + teacher_tags)
+    domains = {name: [i for i, (_, rec) in enumerate(items)
+                      if not r.tag_included or rec.get("tag", "") in r.tag_included]
+               for name, r in cfg.rewards.items()}
+    batches = data.PromptBatches(items, cfg.rollout_batch_size, seed=cfg.seed, dp_rank=dp_rank,
+                                 dp_size=dp_size, domains=domains, domain_probs=cfg.domain_interleave_probs)
+    val_items, val_notes = (load(cfg.validation.file_name, reward_tags)  # scored by rewards only
+                            if cfg.validation.file_name and cfg.validation.eval_steps else ([], []))
+    for note in notes + val_notes:
+        banner(f"data: {note}")
+    reward_cfgs = {name: (r.type, r.tag_included) for name, r in cfg.rewards.items()}
+    try:  # a record that a reward cannot score stops the run now, not mid-run
+        rewards.check_records(reward_cfgs, [rec for _, rec in items + val_items])
+    except ValueError as e:
+        raise data.DataError(f"data: {e}") from None
+    return SimpleNamespace(batches=batches, val=val_items, reward_cfgs=reward_cfgs, what=f"{len(items)} prompts",
+                           all_tags=sorted({rec.get("tag", "") for _, rec in items}))
 
 
-def progress_line(step, max_steps, m, g):
-    return (f"step {step:4d}/{max_steps} | kl {m['train/reverse_kl']:7.4f} | "
-            f"reward {g['reward/sum'] / max(g['reward/n'], 1):5.3f} | "
-            f"loss {m['train/loss']:8.4f} | gnorm {m['train/grad_norm']:7.3f} | "
-            f"len {m['train/response_len']:5.1f} | rollout {m['timing/rollout_s']:5.2f}s teacher "
-            f"{m['timing/teacher_s']:5.2f}s train {m['timing/train_s']:5.2f}s sync {m['timing/sync_s']:5.2f}s | "
-            f"{m['throughput/tokens_per_s']:7.0f} tok/s")
-
-
-def banner(msg):
-    if dist.get_rank() == 0:
-        print(msg, flush=True)
+def load_envs(cfg, tokenizer, dp_rank, dp_size):
+    """Agentic: the training env groups and the validation episodes (tag, seed)."""
+    train_tags = cfg.train_env_manager.tags or sorted(cfg.custom_envs)
+    val_tags = cfg.val_env_manager.tags or sorted(cfg.custom_envs)
+    groups = agent.EnvGroups(cfg.custom_envs, train_tags, cfg.rollout_batch_size, cfg.num_return_sequences_in_group,
+                             seed=cfg.seed, dp_rank=dp_rank, dp_size=dp_size)
+    val = (agent.val_seeds(val_tags, cfg.val_env_manager.num_env_groups) if cfg.validation.eval_steps else [])
+    return SimpleNamespace(groups=groups, val=val, reward_cfgs={}, what=f"envs {', '.join(train_tags)}",
+                           all_tags=sorted(set(train_tags) | set(val_tags)),
+                           template_of=lambda tag: cfg.tag_to_template.get(tag, cfg.global_template))
 
 
 # ----------------------------------------------------------------------------------------
@@ -336,32 +341,13 @@ def main(cfg):
         with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
             yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
 
-    # ---- data: prompts rendered per tag, skipped when too long or routed nowhere
+    # ---- data: prompts rendered per tag (rlvr), or environments to play (agentic)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.pretrain)
-    # the tag lists of what can use a prompt: rewards (also for validation) and teachers
-    reward_tags = [r.tag_included for r in cfg.rewards.values()]
-    teacher_tags = [t.tag_included for t in cfg.teacher.values()]
-    load = lambda files, users: data.load_prompts(files, tokenizer, cfg.prompt_length,
-                                                  cfg.global_template, cfg.tag_to_template, users)
-    items, notes = load(cfg.data.file_name, reward_tags + teacher_tags)
-    all_tags = sorted({rec.get("tag", "") for _, rec in items})
-    domains = {name: [i for i, (_, rec) in enumerate(items)
-                      if not r.tag_included or rec.get("tag", "") in r.tag_included]
-               for name, r in cfg.rewards.items()}
-    batches = data.PromptBatches(items, cfg.rollout_batch_size, seed=cfg.seed, dp_rank=rank // tp,
-                                 dp_size=world // tp, domains=domains,
-                                 domain_probs=cfg.domain_interleave_probs)
-    val_items, val_notes = (load(cfg.validation.file_name, reward_tags)  # scored by rewards only
-                            if cfg.validation.file_name and cfg.validation.eval_steps else ([], []))
-    for note in notes + val_notes:
-        banner(f"data: {note}")
-    reward_cfgs = {name: (r.type, r.tag_included) for name, r in cfg.rewards.items()}
-    try:  # a record that a reward cannot score stops the run now, not mid-run
-        rewards.check_records(reward_cfgs, [rec for _, rec in items + val_items])
-    except ValueError as e:
-        raise data.DataError(f"data: {e}") from None
+    agentic = cfg.pure_opd_pipeline_type == "agentic"
+    src = load_envs(cfg, tokenizer, rank // tp, world // tp) if agentic else load_data(cfg, tokenizer, rank // tp, world // tp)
+    all_tags, has_val = src.all_tags, bool(src.val)
 
     # ---- models: vLLM engine first (on GPU its memory check wants an empty device),
     # then the student (FSDP2, trained) and the teacher (FSDP2, forward only)
@@ -388,20 +374,25 @@ def main(cfg):
     mode = ("plain RL" if not teachers else "off-policy distillation (SFT on teacher samples)"
             if cfg.off_policy else "mixed (RL + OPD)" if cfg.use_opd else "pure OPD")
     logger = Logger(cfg.output_dir, rank == 0)
-    banner(f"opd: {mode}, {world} rank(s) on {device}, {len(items)} prompts, output in {cfg.output_dir}")
+    banner(f"opd: {mode}{' (agentic)' if agentic else ''}, {world} rank(s) on {device}, {src.what}, "
+           f"output in {cfg.output_dir}")
 
     def validate(step):
-        metrics, examples = validation.evaluate(llm, val_items, tokenizer, cfg, reward_cfgs, device)
+        metrics, examples = (
+            agent.evaluate(llm, src.val, cfg.custom_envs, tokenizer, src.template_of, cfg, device) if agentic
+            else validation.evaluate(llm, src.val, tokenizer, cfg, src.reward_cfgs, device))
         banner(f"val  {step:4d}/{cfg.max_steps} | " + " | ".join(f"{k[4:]} {v:.3f}" for k, v in metrics.items()))
         for ex in examples:
             banner(f"      {ex}")
         return metrics, examples
 
     first = last = {}
-    if val_items:
+    if has_val:
         first, examples = validate(0)
         if teachers and cfg.validation.teacher:
-            first.update(validation.teacher_accuracy(teachers, val_items, tokenizer, cfg, reward_cfgs, device))
+            first.update(
+                agent.teacher_success(teachers, src.val, cfg.custom_envs, tokenizer, src.template_of, cfg, device)
+                if agentic else validation.teacher_accuracy(teachers, src.val, tokenizer, cfg, src.reward_cfgs, device))
             banner("val  teacher | " + " | ".join(f"{k[4:]} {v:.3f}" for k, v in first.items() if "teacher" in k))
         logger.log(0, first, examples)
     elapsed = tokens_total = 0  # cumulative step time (validation excluded) and tokens trained on
@@ -410,16 +401,25 @@ def main(cfg):
 
         # ---- 1. rollout: sample G answers per prompt on the local engine
         t0 = time.perf_counter()
-        prompts = batches.next()
-        tags, G, pad_id = [r.get("tag", "") for _, r in prompts], cfg.num_return_sequences_in_group, tokenizer.pad_token_id or 0
-        if cfg.off_policy:  # the baseline: the teacher answers, the student will imitate
+        G, pad_id = cfg.num_return_sequences_in_group, tokenizer.pad_token_id or 0
+        if agentic:  # G episodes per env seed, all advancing together: one generate per turn
+            records = src.groups.next(tokenizer, src.template_of, cfg.prompt_length)
+            agent.play(agent.vllm_actor(llm, temperature=si.temperature, top_p=si.top_p, top_k=si.top_k),
+                       records, tokenizer, cfg.prompt_length + cfg.response_length)
+            batch = agent.to_rollout(records, pad_id)
+        elif cfg.off_policy:  # the baseline: the teacher answers, the student will imitate
+            prompts = src.batches.next()
+            tags = [r.get("tag", "") for _, r in prompts]
             batch = teachers_lib.teacher_rollout(teachers[0], [ids for ids, _ in prompts], tags, n=G,
                                                  max_tokens=cfg.response_length, temperature=si.temperature,
                                                  eos_id=tokenizer.eos_token_id, pad_id=pad_id, device=device)
         else:
-            batch = rollout.generate(llm, [ids for ids, _ in prompts], tags, n=G, max_tokens=cfg.response_length,
-                                     temperature=si.temperature, top_p=si.top_p, top_k=si.top_k, pad_id=pad_id)
-        records = [prompts[g][1] for g in batch.group.tolist()]
+            prompts = src.batches.next()
+            batch = rollout.generate(llm, [ids for ids, _ in prompts], [r.get("tag", "") for _, r in prompts], n=G,
+                                     max_tokens=cfg.response_length, temperature=si.temperature, top_p=si.top_p,
+                                     top_k=si.top_k, pad_id=pad_id)
+        if not agentic:
+            records = [prompts[g][1] for g in batch.group.tolist()]
         if tp > 1:  # TP peers sampled the same groups: each keeps whole groups of its own
             keep = [i for i, g in enumerate(batch.group.tolist()) if g % tp == rank % tp]
             batch, records = batch.select(keep), [records[i] for i in keep]
@@ -428,10 +428,14 @@ def main(cfg):
         batch = batch.to(device)
         t_rollout = time.perf_counter() - t0
 
-        # ---- 2. external rewards (for the gradient in mixed mode / plain RL, else logged)
+        # ---- 2. rewards: external ones, or the episodes' env rewards (for the gradient in
+        # mixed mode / plain RL, else logged)
         t0 = time.perf_counter()
-        texts = tokenizer.batch_decode(batch.response_ids(), skip_special_tokens=True)
-        reward, scored = rewards.score_samples(reward_cfgs, texts, records)
+        if agentic:
+            reward, scored = torch.tensor([e.reward for e in records]), torch.ones(len(records), dtype=torch.bool)
+        else:
+            texts = tokenizer.batch_decode(batch.response_ids(), skip_special_tokens=True)
+            reward, scored = rewards.score_samples(src.reward_cfgs, texts, records)
         rl_adv = (rl_advantages(reward, batch.group.cpu(), cfg.adv_estimator).to(device)
                   if cfg.use_opd or not teachers else None)
         t_reward = time.perf_counter() - t0
@@ -459,6 +463,8 @@ def main(cfg):
         sums.update(seqs=len(batch), all_tokens=batch.attention_mask.sum(),
                     **{f"routed/{t.name}": routed[t.name].sum() for t in scorers})
         validation.per_tag_sums(sums, "reward", reward, scored, batch.tags, all_tags)
+        if agentic:
+            agent.episode_sums(sums, records, all_tags)
         g = student_lib.reduce_sums(sums, device)
         step_s = time.perf_counter() - t_step
         elapsed, tokens_total = elapsed + step_s, tokens_total + g["all_tokens"]
@@ -466,8 +472,10 @@ def main(cfg):
                       step=step_s, elapsed=elapsed)
         metrics = step_metrics(g, timing, t_each, scorers, all_tags, sched.get_last_lr()[0], device)
         metrics["throughput/tokens_total"] = tokens_total
+        if agentic:
+            metrics.update(agent.episode_means(g, all_tags))
         examples = []
-        if val_items and (step % cfg.validation.eval_steps == 0 or step == cfg.max_steps):
+        if has_val and (step % cfg.validation.eval_steps == 0 or step == cfg.max_steps):
             last, examples = validate(step)
             metrics.update(last)
         logger.log(step, metrics, examples)
@@ -477,8 +485,9 @@ def main(cfg):
             student_lib.save_checkpoint(student, tokenizer, path)
             banner(f"saved {path}")
 
-    if val_items and last:
-        banner("\n".join(["", "validation accuracy, before and after:", *validation.summary(first, last, step)]))
+    if has_val and last:
+        name = "success" if agentic else "accuracy"
+        banner("\n".join(["", f"validation {name}, before and after:", *validation.summary(first, last, step, name)]))
     logger.close()
     dist.barrier()  # rank 0 may still be writing: a peer tearing down its groups early makes gloo abort
     del llm  # vLLM's shutdown tears down the default process group itself
@@ -491,8 +500,10 @@ if __name__ == "__main__":
         cfg = parse_config(sys.argv[1:])
         config.apply_toy_defaults(cfg, config.given_keys(sys.argv[1:]))
         config.check_config(cfg, world=int(os.environ.get("WORLD_SIZE", "1")))
-        toy.prepare_if_used([cfg.pretrain, *(t.model_name_or_path for t in cfg.teacher.values()),
-                             *cfg.data.file_name, *cfg.validation.file_name])
+        used = [cfg.pretrain, *(t.model_name_or_path for t in cfg.teacher.values())]
+        if cfg.pure_opd_pipeline_type == "rlvr":
+            toy.prepare_if_used(used + cfg.data.file_name + cfg.validation.file_name)
+        toy_agentic.prepare_if_used(used)
         main(cfg)
     except (config.ConfigError, data.DataError, teachers_lib.TeacherError) as e:
         if int(os.environ.get("RANK", "0")) == 0:

@@ -83,14 +83,15 @@ def teacher_accuracy(teachers, val_items, tokenizer, cfg, reward_cfgs, device):
             **per_tag_means(g, "val", "teacher_accuracy", all_tags)}
 
 
-def summary(first, last, step):
-    """The before/after table: per tag, the teacher's and the student's accuracy."""
-    tags = sorted(k.split("/")[1] for k in last if k.startswith("val/") and k.endswith("/accuracy")
+def summary(first, last, step, name="accuracy"):
+    """The before/after table: per tag, the teacher's and the student's `name` (accuracy,
+    or success in agentic mode)."""
+    tags = sorted(k.split("/")[1] for k in last if k.startswith("val/") and k.endswith(f"/{name}")
                   and k.count("/") == 2)
     rows = [(tag, f"val/{tag}/") for tag in tags] + [("all", "val/")]
     cell = lambda m, key: f"{m[key]:.3f}" if key in m else "-"
     lines = [f"{'tag':<12} {'teacher':>8} {'student@0':>10} {f'student@{step}':>12}"]
-    for name, p in rows:
-        lines.append(f"{name:<12} {cell(first, p + 'teacher_accuracy'):>8} {cell(first, p + 'accuracy'):>10} "
-                     f"{cell(last, p + 'accuracy'):>12}")
+    for tag, p in rows:
+        lines.append(f"{tag:<12} {cell(first, f'{p}teacher_{name}'):>8} {cell(first, p + name):>10} "
+                     f"{cell(last, p + name):>12}")
     return lines

@@ -35,3 +35,10 @@ def test_table_and_plot(tmp_path):
     png = tmp_path / "c.png"
     compare.plot(runs, 0.9, str(png))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_agentic_runs_are_scored_by_validation_success():
+    success = [{**r, "val/success": r.pop("val/accuracy")} for r in rows([0.2, 0.6, 0.9]) if "val/accuracy" in r]
+    s = compare.summarize(success, teacher_acc=0.95, key="val/success")
+    assert (s["start"], s["final"], s["step90"]) == (0.2, 0.9, 20)
+    assert "validation success" in compare.table({"opd": s}, 0.95, {"opd": 1.0}, "success").splitlines()[0]
