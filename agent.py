@@ -41,6 +41,10 @@ from student import reduce_sums
 _ACTION, _OBS = "\u2063ACTION\u2063", "\u2063OBSERVATION\u2063"  # markers no template contains
 
 
+class EnvError(ValueError):
+    """An environment that cannot be played with this config (the message names the key)."""
+
+
 class ObservationIds:
     """Token ids that put an observation into the conversation after an action.
 
@@ -48,9 +52,10 @@ class ObservationIds:
     generation prompt; the text between the two markers closes the assistant turn and opens
     the user turn, the text after the second marker closes it and opens the next assistant
     turn. Only text that follows the action is taken from the template, so an action is
-    never re-rendered. If the action ended with the eos token, the closing text's leading
-    eos is already in the row and is not added again; an action cut by the token limit gets
-    the whole closing text."""
+    never re-rendered. If the action ended with the closing text's first token (the end of
+    turn: `<|im_end|>` in ChatML, `<end_of_turn>` in Gemma) it is already in the row and is
+    not added again; any other ending (cut by the token limit, or another stop token such as
+    Qwen3's `<|endoftext|>`) gets the whole closing text."""
 
     def __init__(self, tokenizer, template="native"):
         self.tokenizer = tokenizer
@@ -62,12 +67,15 @@ class ObservationIds:
                              "user turn; agentic rows need one")
         after = text.split(_ACTION)[1]
         self.before_obs, self.after_obs = after.split(_OBS)
-        eos = tokenizer.eos_token or ""
-        self.eos_id = tokenizer.eos_token_id
-        self.skip_eos = len(eos) if eos and self.before_obs.startswith(eos) else 0
+        first = tokenizer.encode(self.before_obs, add_special_tokens=False)[:1]
+        self.close_id = first[0] if first else None           # the id that ends a turn
+        self.close_text = tokenizer.decode(first) if first else ""
 
-    def __call__(self, obs, ended_with_eos):
-        head = self.before_obs[self.skip_eos:] if ended_with_eos else self.before_obs
+    def __call__(self, obs, last_id):
+        """The ids to append after an action whose last token is `last_id`."""
+        head = self.before_obs
+        if last_id == self.close_id and head.startswith(self.close_text):
+            head = head[len(self.close_text):]
         return self.tokenizer.encode(head + obs + self.after_obs, add_special_tokens=False)
 
 
@@ -97,7 +105,7 @@ class Episode:
     reward: float = 0.0
     turns: int = 0
     success: bool = False
-    cut_turns: int = 0            # actions cut by the token limit (no eos)
+    cut_turns: int = 0            # actions cut by the token limit (max_tokens_per_turn or the context)
     end: str = ""                 # terminated | truncated | max_turns | context
     actions: list = field(default_factory=list)  # decoded actions and observations (for display)
 
@@ -130,14 +138,15 @@ def play(act, episodes, tokenizer, max_len, *, turns=None):
         live = [e for e in episodes if not e.end]
         if not live and turns is None:
             break
-        outs = act([e.prompt + e.ids for e in live], [min(e.max_tokens, max_len - len(e)) for e in live])
-        for e, (ids, logp) in zip(live, outs):
+        budgets = [min(e.max_tokens, max_len - len(e)) for e in live]
+        outs = act([e.prompt + e.ids for e in live], budgets)
+        for e, budget, (ids, logp) in zip(live, budgets, outs):
             e.ids += ids
             e.mask += [1] * len(ids)
             e.logp += list(logp)
             e.turns += 1
-            ended_with_eos = bool(ids) and ids[-1] == tokenizer.eos_token_id
-            e.cut_turns += not ended_with_eos
+            last = ids[-1] if ids else None
+            e.cut_turns += len(ids) >= budget and last != e.obs_ids.close_id
             action = tokenizer.decode(ids, skip_special_tokens=True)
             action = action.rsplit("</think>", 1)[-1].strip() if "</think>" in action else action  # the answer only
             obs, reward, terminated, truncated, info = e.env.step(action)
@@ -147,7 +156,7 @@ def play(act, episodes, tokenizer, max_len, *, turns=None):
             if terminated or truncated or e.turns >= e.max_turns:
                 e.end = "terminated" if terminated else "truncated" if truncated else "max_turns"
                 continue
-            more = e.obs_ids(obs, ended_with_eos)
+            more = e.obs_ids(obs, last)
             if len(e) + len(more) + 1 > max_len:  # no room for the observation and one token
                 e.end = "context"
                 continue
@@ -212,26 +221,33 @@ class EnvGroups:
         for _ in range(self.n_groups):
             batch.append((self.tags[self.k % len(self.tags)], self.rng.randrange(10**9)))
             self.k += 1
+        # every rank checks every seed of the global batch, so that all stop with the same error
+        # (one rank stopping alone would leave the others waiting in a collective)
+        check_first_observations(self.specs, batch, tokenizer, template_of, prompt_length)
         share = self.n_groups // self.dp_size
-        eps = []
-        for g, (tag, seed) in enumerate(batch[self.dp_rank * share:(self.dp_rank + 1) * share]):
-            for _ in range(self.group_size):
-                e = start(self.specs[tag], tag, seed, g, tokenizer, template_of(tag), prompt_length)
-                if e is None:
-                    raise ValueError(f"custom_envs.{tag}: the first observation of seed {seed} is longer "
-                                     f"than prompt_length={prompt_length} tokens")
-                eps.append(e)
-        return eps
+        return [start(self.specs[tag], tag, seed, g, tokenizer, template_of(tag), prompt_length)
+                for g, (tag, seed) in enumerate(batch[self.dp_rank * share:(self.dp_rank + 1) * share])
+                for _ in range(self.group_size)]
+
+
+def check_first_observations(specs, pairs, tokenizer, template_of, prompt_length):
+    """EnvError if the first observation of any (tag, seed) is longer than prompt_length."""
+    for tag, seed in pairs:
+        if start(specs[tag], tag, seed, 0, tokenizer, template_of(tag), prompt_length) is None:
+            raise EnvError(f"custom_envs.{tag}: the first observation (seed {seed}) is longer than "
+                           f"prompt_length={prompt_length} tokens; raise prompt_length")
 
 
 def episode_sums(sums, episodes, all_tags):
-    """Add per-tag sums of success, reward and turns (and counts) to `sums` (for env/<tag>/...)."""
+    """Add per-tag sums of success, reward and turns (and counts) to `sums` (for env/<tag>/...),
+    and of cut turns and context-limit ends over all episodes."""
     for tag in all_tags:
         mine = [e for e in episodes if e.tag == tag]
         sums[f"env/{tag}/n"] = len(mine)
         sums[f"env/{tag}/success"] = sum(e.success for e in mine)
         sums[f"env/{tag}/reward"] = sum(e.reward for e in mine)
         sums[f"env/{tag}/turns"] = sum(e.turns for e in mine)
+    sums["env/n"] = len(episodes)
     sums["env/cut_turns"] = sum(e.cut_turns for e in episodes)
     sums["env/context_ends"] = sum(e.end == "context" for e in episodes)
 
@@ -239,7 +255,8 @@ def episode_sums(sums, episodes, all_tags):
 def episode_means(g, all_tags):
     out = {f"env/{tag}/{k}": g[f"env/{tag}/{k}"] / g[f"env/{tag}/n"]
            for tag in all_tags if g[f"env/{tag}/n"] for k in ("success", "reward", "turns")}
-    out.update({"env/cut_turns": g["env/cut_turns"], "env/context_ends": g["env/context_ends"]})
+    out.update({"env/cut_turns": g["env/cut_turns"] / max(g["env/n"], 1),  # per episode
+                "env/context_end_frac": g["env/context_ends"] / max(g["env/n"], 1)})
     return out
 
 

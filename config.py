@@ -188,6 +188,8 @@ def check_envs(cfg):
                                   f"(known tags: {', '.join(sorted(cfg.custom_envs))})")
     for tag, spec in cfg.custom_envs.items():
         where = f"custom_envs.{tag}"
+        if not spec.env_type:
+            raise ConfigError(f"{where}.env_type is required (known: {', '.join(sorted(envs.ENVS))}, gem:<id>)")
         if spec.max_turns < 1:
             raise ConfigError(f"{where}.max_turns must be >= 1, got {spec.max_turns}")
         if spec.max_tokens_per_turn < 1:
@@ -224,9 +226,12 @@ def check_lengths(cfg):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(cfg.pretrain)
-        for tag, spec in cfg.custom_envs.items():
-            template = cfg.tag_to_template.get(tag, cfg.global_template)
-            for seed in range(8):
-                if agent.start(spec, tag, seed, 0, tokenizer, template, cfg.prompt_length) is None:
-                    raise ConfigError(f"custom_envs.{tag}: the first observation (seed {seed}) is longer than "
-                                      f"prompt_length={cfg.prompt_length} tokens; raise prompt_length")
+        template_of = lambda tag: cfg.tag_to_template.get(tag, cfg.global_template)
+        val_tags = cfg.val_env_manager.tags or sorted(cfg.custom_envs)
+        # the validation episodes are known now; training seeds are checked as they are drawn
+        pairs = [(tag, seed) for tag in cfg.custom_envs for seed in range(8)]
+        pairs += agent.val_seeds(val_tags, cfg.val_env_manager.num_env_groups) if cfg.validation.eval_steps else []
+        try:
+            agent.check_first_observations(cfg.custom_envs, pairs, tokenizer, template_of, cfg.prompt_length)
+        except agent.EnvError as e:
+            raise ConfigError(str(e)) from None

@@ -146,9 +146,10 @@ class Validation:
 
 @dataclass
 class EnvSpec:
-    env_type: str = "guess_number"
-    """Environment id: guess_number | nim (envs.py) | gem:<GEM id> (e.g. gem:game:GuessTheNumber-v0-hard)."""
-    env_config: dict[str, Union[int, float, str]] = field(default_factory=dict)
+    env_type: str = ""
+    """Environment id (required): guess_number | nim (envs.py) | gem:<GEM id> (e.g.
+    gem:game:GuessTheNumber-v0-hard)."""
+    env_config: dict[str, Union[bool, int, float, str]] = field(default_factory=dict)
     """Keyword arguments of the environment, e.g. {low: 1, high: 50}."""
     max_turns: int = 8
     """Most actions per episode (ROLL: max_actions_per_traj)."""
@@ -157,12 +158,18 @@ class EnvSpec:
 
 
 @dataclass
-class EnvManager:
+class TrainEnvManager:
     tags: list[str] = field(default_factory=list)
-    """custom_envs tags to play, in turn; empty = all of them."""
+    """custom_envs tags to play, in turn over each step's rollout_batch_size env seeds;
+    empty = all of them."""
+
+
+@dataclass
+class ValEnvManager:
+    tags: list[str] = field(default_factory=list)
+    """custom_envs tags to validate on; empty = all of them."""
     num_env_groups: int = 64
-    """val_env_manager: validation episodes per tag (one greedy episode per env seed).
-    Training plays rollout_batch_size groups per step."""
+    """Validation episodes per tag (one greedy episode per env seed)."""
 
 
 @dataclass
@@ -179,25 +186,28 @@ class Config:
     """rlvr: single-turn prompts from data files; agentic: multi-turn episodes in custom_envs."""
     custom_envs: dict[str, EnvSpec] = field(default_factory=dict)
     """Agentic: environments by tag (the tag routes episodes to teachers, like a sample tag)."""
-    train_env_manager: EnvManager = field(default_factory=EnvManager)
+    train_env_manager: TrainEnvManager = field(default_factory=TrainEnvManager)
     """Agentic: which envs training plays."""
-    val_env_manager: EnvManager = field(default_factory=EnvManager)
+    val_env_manager: ValEnvManager = field(default_factory=ValEnvManager)
     """Agentic: which envs validation plays, and how many episodes per tag."""
     student_train: StudentTrain = field(default_factory=StudentTrain)
     student_infer: StudentInfer = field(default_factory=StudentInfer)
     rollout_batch_size: int = 64
-    """Prompts per step, global (split over data-parallel ranks)."""
+    """Prompts (agentic: env seeds) per step, global (split over data-parallel ranks)."""
     num_return_sequences_in_group: int = 4
-    """Samples per prompt."""
+    """Samples per prompt (agentic: episodes per env seed)."""
     prompt_length: int = 64
-    """Longest prompt in tokens; longer prompts are skipped (counted and logged)."""
+    """Longest prompt in tokens; longer prompts are skipped (counted and logged). Agentic:
+    the longest first observation (a longer one is a start-up error)."""
     response_length: int = 16
-    """Most tokens sampled per response."""
+    """Most tokens sampled per response. Agentic: the room after the first observation for
+    all of an episode's actions and observations."""
     kl_estimator: Literal["k1", "k2", "k3", "abs"] = "k1"
     """Per-token reverse-KL estimator that becomes the (negative) advantage."""
     rewards: dict[str, RewardConfig] = field(default_factory=lambda: {"math": RewardConfig()})
     """External rewards, name -> {type, tag_included}; a sample gets the sum of those
-    whose tags include its tag. Pure OPD logs them only (reward/<tag>/mean)."""
+    whose tags include its tag. Pure OPD logs them only (reward/<tag>/mean). Not used in
+    agentic mode: an episode's reward is its env's."""
     use_opd: bool = False
     """Mixed mode: advantage = RL advantage from the rewards - sum of teacher KL terms.
     With no teacher (teacher: {}) training is plain RL."""
@@ -346,7 +356,8 @@ def main(cfg):
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.pretrain)
     agentic = cfg.pure_opd_pipeline_type == "agentic"
-    src = load_envs(cfg, tokenizer, rank // tp, world // tp) if agentic else load_data(cfg, tokenizer, rank // tp, world // tp)
+    load = load_envs if agentic else load_data
+    src = load(cfg, tokenizer, dp_rank=rank // tp, dp_size=world // tp)
     all_tags, has_val = src.all_tags, bool(src.val)
 
     # ---- models: vLLM engine first (on GPU its memory check wants an empty device),
@@ -501,11 +512,11 @@ if __name__ == "__main__":
         config.apply_toy_defaults(cfg, config.given_keys(sys.argv[1:]))
         config.check_config(cfg, world=int(os.environ.get("WORLD_SIZE", "1")))
         used = [cfg.pretrain, *(t.model_name_or_path for t in cfg.teacher.values())]
-        if cfg.pure_opd_pipeline_type == "rlvr":
-            toy.prepare_if_used(used + cfg.data.file_name + cfg.validation.file_name)
+        toy.prepare_if_used(used + (cfg.data.file_name + cfg.validation.file_name  # data: rlvr only
+                                    if cfg.pure_opd_pipeline_type == "rlvr" else []))
         toy_agentic.prepare_if_used(used)
         main(cfg)
-    except (config.ConfigError, data.DataError, teachers_lib.TeacherError) as e:
+    except (config.ConfigError, data.DataError, teachers_lib.TeacherError, agent.EnvError) as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"opd: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -88,11 +88,12 @@ def expert_rows(tokenizer, pairs, noise, seed):
 
     def act(rows, budgets):
         out = []
-        for e in [e for e in eps if not e.end]:
+        for e, budget in zip([e for e in eps if not e.end], budgets):
             rnd = random.random() < noise
             noisy[id(e)].append(rnd)
             text = _random_move(e.env) if rnd else e.env.expert()
-            out.append((tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id], [0.0] * 8))
+            ids = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
+            out.append((ids[:budget], [0.0] * len(ids[:budget])))
         return out
 
     agent.play(act, eps, tokenizer, MAX_LEN)

@@ -71,6 +71,16 @@ def test_two_teachers_routed_by_env_tag_on_their_own_ranks(world, tmp_path):
     assert "validation success, before and after:" in r.stdout and "guess" in r.stdout
 
 
+def test_teacher_validation_with_a_group_member_that_plays_no_episode(world, tmp_path):
+    """One teacher on both ranks and one validation episode: rank 1 plays none, yet must
+    join every collective decode of the teacher's group (no hang, one result)."""
+    cfg = write_config(tmp_path, world, val_env_manager={"tags": ["guess"], "num_env_groups": 1}, max_steps=1)
+    r = run_cmd([TORCHRUN, "--nproc_per_node=2", "opd.py", "--config", cfg], timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    first = metrics(tmp_path)[0]
+    assert first["step"] == 0 and first["val/guess/teacher_success"] in (0.0, 1.0) and "val/nim/success" not in first
+
+
 @pytest.mark.parametrize("variant", ["mixed", "plain_rl"])
 def test_mixed_and_plain_rl_train_on_the_env_reward(world, tmp_path, variant):
     over = {"use_opd": True} if variant == "mixed" else {"teacher": {}}
@@ -109,6 +119,8 @@ def test_teacher_equal_to_student_gives_zero_kl_on_multi_turn_rows(world, tmp_pa
     ({"custom_envs": {"guess": {"env_type": "guess_number", "env_config": {"low": 9, "high": 3}}}}, [],
      "custom_envs.guess.env_config: guess_number rejects"),
     ({"custom_envs": {}}, [], "pure_opd_pipeline_type=agentic needs custom_envs"),
+    ({"custom_envs": {"dice": {"max_turns": 3}}}, [], "custom_envs.dice.env_type is required"),
+    ({"train_env_manager": {"tags": ["guess"], "num_env_groups": 8}}, [], "unknown key 'num_env_groups'"),
 ])
 def test_bad_agentic_config_is_a_clear_start_up_error(world, tmp_path, yaml_over, flags, message):
     cfg = write_config(tmp_path, world, **yaml_over)
