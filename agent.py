@@ -36,6 +36,7 @@ import torch.distributed as dist
 import data
 import envs
 import rollout
+import validation
 from student import reduce_sums
 
 _ACTION, _OBS = "\u2063ACTION\u2063", "\u2063OBSERVATION\u2063"  # markers no template contains
@@ -267,15 +268,14 @@ def val_seeds(tags, n):
 
 
 def _success_metrics(episodes, pairs, prefix, name, device, counted=True):
-    tags = sorted({tag for tag, _ in pairs})
-    sums = {}
-    for tag in tags:
-        mine = [e for e in episodes if e.tag == tag] if counted else []
-        sums[f"{tag}/s"], sums[f"{tag}/n"] = sum(e.success for e in mine), len(mine)
+    """val/<tag>/<name> and val/<name>: the share of won episodes, summed over all ranks."""
+    tags, sums = sorted({tag for tag, _ in pairs}), {}
+    success = torch.tensor([float(e.success) for e in episodes], dtype=torch.float64)
+    validation.per_tag_sums(sums, prefix, success, torch.full((len(episodes),), counted, dtype=torch.bool),
+                            [e.tag for e in episodes], tags)
     g = reduce_sums(sums, device)
-    total = sum(g[f"{t}/n"] for t in tags)
-    return {f"{prefix}/{name}": sum(g[f"{t}/s"] for t in tags) / max(total, 1),
-            **{f"{prefix}/{t}/{name}": g[f"{t}/s"] / g[f"{t}/n"] for t in tags if g[f"{t}/n"]}}
+    return {f"{prefix}/{name}": g[f"{prefix}/sum"] / max(g[f"{prefix}/n"], 1),
+            **validation.per_tag_means(g, prefix, name, tags)}
 
 
 def transcript(e):

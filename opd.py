@@ -25,7 +25,6 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Literal, Optional, Union
 
 import torch
@@ -35,10 +34,10 @@ import rollout  # noqa: I001  first: sets the vLLM environment before vLLM is im
 import agent
 import config
 import data
-import rewards
 import student as student_lib
 import teachers as teachers_lib
 import toy
+import sources
 import toy_agentic
 import validation
 from logs import Logger, banner, progress_line, step_metrics
@@ -283,49 +282,6 @@ def init_distributed(device):
 
 
 # ----------------------------------------------------------------------------------------
-# What the student plays: prompts (rlvr) or environments (agentic)
-
-
-def load_data(cfg, tokenizer, dp_rank, dp_size):
-    """Prompts rendered per tag, skipped when too long or routed nowhere; the validation
-    prompts; each record checked against the rewards that will score it."""
-    # the tag lists of what can use a prompt: rewards (also for validation) and teachers
-    reward_tags = [r.tag_included for r in cfg.rewards.values()]
-    teacher_tags = [t.tag_included for t in cfg.teacher.values()]
-    load = lambda files, users: data.load_prompts(files, tokenizer, cfg.prompt_length,
-                                                  cfg.global_template, cfg.tag_to_template, users)
-    items, notes = load(cfg.data.file_name, reward_tags + teacher_tags)
-    domains = {name: [i for i, (_, rec) in enumerate(items)
-                      if not r.tag_included or rec.get("tag", "") in r.tag_included]
-               for name, r in cfg.rewards.items()}
-    batches = data.PromptBatches(items, cfg.rollout_batch_size, seed=cfg.seed, dp_rank=dp_rank,
-                                 dp_size=dp_size, domains=domains, domain_probs=cfg.domain_interleave_probs)
-    val_items, val_notes = (load(cfg.validation.file_name, reward_tags)  # scored by rewards only
-                            if cfg.validation.file_name and cfg.validation.eval_steps else ([], []))
-    for note in notes + val_notes:
-        banner(f"data: {note}")
-    reward_cfgs = {name: (r.type, r.tag_included) for name, r in cfg.rewards.items()}
-    try:  # a record that a reward cannot score stops the run now, not mid-run
-        rewards.check_records(reward_cfgs, [rec for _, rec in items + val_items])
-    except ValueError as e:
-        raise data.DataError(f"data: {e}") from None
-    return SimpleNamespace(batches=batches, val=val_items, reward_cfgs=reward_cfgs, what=f"{len(items)} prompts",
-                           all_tags=sorted({rec.get("tag", "") for _, rec in items}))
-
-
-def load_envs(cfg, tokenizer, dp_rank, dp_size):
-    """Agentic: the training env groups and the validation episodes (tag, seed)."""
-    train_tags = cfg.train_env_manager.tags or sorted(cfg.custom_envs)
-    val_tags = cfg.val_env_manager.tags or sorted(cfg.custom_envs)
-    groups = agent.EnvGroups(cfg.custom_envs, train_tags, cfg.rollout_batch_size, cfg.num_return_sequences_in_group,
-                             seed=cfg.seed, dp_rank=dp_rank, dp_size=dp_size)
-    val = (agent.val_seeds(val_tags, cfg.val_env_manager.num_env_groups) if cfg.validation.eval_steps else [])
-    return SimpleNamespace(groups=groups, val=val, reward_cfgs={}, what=f"envs {', '.join(train_tags)}",
-                           all_tags=sorted(set(train_tags) | set(val_tags)),
-                           template_of=lambda tag: cfg.tag_to_template.get(tag, cfg.global_template))
-
-
-# ----------------------------------------------------------------------------------------
 # The loop
 
 
@@ -355,9 +311,7 @@ def main(cfg):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.pretrain)
-    agentic = cfg.pure_opd_pipeline_type == "agentic"
-    load = load_envs if agentic else load_data
-    src = load(cfg, tokenizer, dp_rank=rank // tp, dp_size=world // tp)
+    src = sources.make(cfg, tokenizer, dp_rank=rank // tp, dp_size=world // tp, banner=banner)
     all_tags, has_val = src.all_tags, bool(src.val)
 
     # ---- models: vLLM engine first (on GPU its memory check wants an empty device),
@@ -385,13 +339,11 @@ def main(cfg):
     mode = ("plain RL" if not teachers else "off-policy distillation (SFT on teacher samples)"
             if cfg.off_policy else "mixed (RL + OPD)" if cfg.use_opd else "pure OPD")
     logger = Logger(cfg.output_dir, rank == 0)
-    banner(f"opd: {mode}{' (agentic)' if agentic else ''}, {world} rank(s) on {device}, {src.what}, "
-           f"output in {cfg.output_dir}")
+    banner(f"opd: {mode}{' (agentic)' if cfg.pure_opd_pipeline_type == 'agentic' else ''}, {world} rank(s) "
+           f"on {device}, {src.what}, output in {cfg.output_dir}")
 
     def validate(step):
-        metrics, examples = (
-            agent.evaluate(llm, src.val, cfg.custom_envs, tokenizer, src.template_of, cfg, device) if agentic
-            else validation.evaluate(llm, src.val, tokenizer, cfg, src.reward_cfgs, device))
+        metrics, examples = src.validate(llm, device)
         banner(f"val  {step:4d}/{cfg.max_steps} | " + " | ".join(f"{k[4:]} {v:.3f}" for k, v in metrics.items()))
         for ex in examples:
             banner(f"      {ex}")
@@ -401,36 +353,16 @@ def main(cfg):
     if has_val:
         first, examples = validate(0)
         if teachers and cfg.validation.teacher:
-            first.update(
-                agent.teacher_success(teachers, src.val, cfg.custom_envs, tokenizer, src.template_of, cfg, device)
-                if agentic else validation.teacher_accuracy(teachers, src.val, tokenizer, cfg, src.reward_cfgs, device))
+            first.update(src.teacher_validate(teachers, device))
             banner("val  teacher | " + " | ".join(f"{k[4:]} {v:.3f}" for k, v in first.items() if "teacher" in k))
         logger.log(0, first, examples)
     elapsed = tokens_total = 0  # cumulative step time (validation excluded) and tokens trained on
     for step in range(1, cfg.max_steps + 1):
         t_step = time.perf_counter()
 
-        # ---- 1. rollout: sample G answers per prompt on the local engine
+        # ---- 1. rollout: G answers per prompt (G episodes per env seed) on the local engine
         t0 = time.perf_counter()
-        G, pad_id = cfg.num_return_sequences_in_group, tokenizer.pad_token_id or 0
-        if agentic:  # G episodes per env seed, all advancing together: one generate per turn
-            records = src.groups.next(tokenizer, src.template_of, cfg.prompt_length)
-            agent.play(agent.vllm_actor(llm, temperature=si.temperature, top_p=si.top_p, top_k=si.top_k),
-                       records, tokenizer, cfg.prompt_length + cfg.response_length)
-            batch = agent.to_rollout(records, pad_id)
-        elif cfg.off_policy:  # the baseline: the teacher answers, the student will imitate
-            prompts = src.batches.next()
-            tags = [r.get("tag", "") for _, r in prompts]
-            batch = teachers_lib.teacher_rollout(teachers[0], [ids for ids, _ in prompts], tags, n=G,
-                                                 max_tokens=cfg.response_length, temperature=si.temperature,
-                                                 eos_id=tokenizer.eos_token_id, pad_id=pad_id, device=device)
-        else:
-            prompts = src.batches.next()
-            batch = rollout.generate(llm, [ids for ids, _ in prompts], [r.get("tag", "") for _, r in prompts], n=G,
-                                     max_tokens=cfg.response_length, temperature=si.temperature, top_p=si.top_p,
-                                     top_k=si.top_k, pad_id=pad_id)
-        if not agentic:
-            records = [prompts[g][1] for g in batch.group.tolist()]
+        batch, records = src.sample(llm, teachers, device)
         if tp > 1:  # TP peers sampled the same groups: each keeps whole groups of its own
             keep = [i for i, g in enumerate(batch.group.tolist()) if g % tp == rank % tp]
             batch, records = batch.select(keep), [records[i] for i in keep]
@@ -442,11 +374,7 @@ def main(cfg):
         # ---- 2. rewards: external ones, or the episodes' env rewards (for the gradient in
         # mixed mode / plain RL, else logged)
         t0 = time.perf_counter()
-        if agentic:
-            reward, scored = torch.tensor([e.reward for e in records]), torch.ones(len(records), dtype=torch.bool)
-        else:
-            texts = tokenizer.batch_decode(batch.response_ids(), skip_special_tokens=True)
-            reward, scored = rewards.score_samples(src.reward_cfgs, texts, records)
+        reward, scored = src.rewards(batch, records)
         rl_adv = (rl_advantages(reward, batch.group.cpu(), cfg.adv_estimator).to(device)
                   if cfg.use_opd or not teachers else None)
         t_reward = time.perf_counter() - t0
@@ -474,17 +402,14 @@ def main(cfg):
         sums.update(seqs=len(batch), all_tokens=batch.attention_mask.sum(),
                     **{f"routed/{t.name}": routed[t.name].sum() for t in scorers})
         validation.per_tag_sums(sums, "reward", reward, scored, batch.tags, all_tags)
-        if agentic:
-            agent.episode_sums(sums, records, all_tags)
+        src.add_sums(sums, records)
         g = student_lib.reduce_sums(sums, device)
         step_s = time.perf_counter() - t_step
         elapsed, tokens_total = elapsed + step_s, tokens_total + g["all_tokens"]
         timing = dict(rollout=t_rollout, reward=t_reward, teacher=t_teacher, train=t_train, sync=t_sync,
                       step=step_s, elapsed=elapsed)
         metrics = step_metrics(g, timing, t_each, scorers, all_tags, sched.get_last_lr()[0], device)
-        metrics["throughput/tokens_total"] = tokens_total
-        if agentic:
-            metrics.update(agent.episode_means(g, all_tags))
+        metrics.update({"throughput/tokens_total": tokens_total, **src.metrics(g)})
         examples = []
         if has_val and (step % cfg.validation.eval_steps == 0 or step == cfg.max_steps):
             last, examples = validate(step)
@@ -497,7 +422,7 @@ def main(cfg):
             banner(f"saved {path}")
 
     if has_val and last:
-        name = "success" if agentic else "accuracy"
+        name = src.score_name
         banner("\n".join(["", f"validation {name}, before and after:", *validation.summary(first, last, step, name)]))
     logger.close()
     dist.barrier()  # rank 0 may still be writing: a peer tearing down its groups early makes gloo abort

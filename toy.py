@@ -424,46 +424,51 @@ def _build(tmp: str, quick: bool = False) -> None:
 
 def prepare(dir: str = TOY_DIR, force: bool = False, quick: bool = False) -> dict[str, str]:
     """Build the toy world into `dir` once; later calls return the cached paths.
+    `quick`: the smoke-test world (seconds, untrained models; for tests of the plumbing,
+    not of learning)."""
+    paths = _paths(dir)
+    build_cached(paths["dir"], _build, "toy world", force, quick)
+    return paths
+
+
+def build_cached(dir: str, build, what: str, force: bool = False, quick: bool = False) -> None:
+    """Run `build(tmp, quick)` once for `dir` (shared by both toy worlds).
 
     The build goes to a sibling temp dir whose entries are then moved into `dir`;
     the `DONE` marker is moved last, so an interrupted build is redone next time.
-    Other files already in `dir` are left alone. `quick`: the smoke-test world (seconds,
-    untrained models; for tests of the plumbing, not of learning).
-    """
-    paths = _paths(dir)
+    Other files already in `dir` are left alone. $OPD_TOY_QUICK=1 makes every build quick."""
     quick = quick or os.environ.get("OPD_TOY_QUICK") == "1"
-    done = os.path.join(paths["dir"], "DONE")
+    done = os.path.join(dir, "DONE")
     if os.path.exists(done) and not force:
-        return paths
+        return
     t0 = time.time()
-    log(f"building toy world in {paths['dir']}")
-    os.makedirs(paths["dir"], exist_ok=True)
-    tmp = f"{paths['dir'].rstrip(os.sep)}.tmp-{os.getpid()}"
+    log(f"building {what} in {dir}")
+    os.makedirs(dir, exist_ok=True)
+    tmp = f"{dir.rstrip(os.sep)}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
         with torch_threads(1):
-            _build(tmp, quick)
+            build(tmp, quick)
         with open(os.path.join(tmp, "DONE"), "w") as f:
             f.write(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
         if os.path.exists(done):
             os.remove(done)
         for name in sorted(os.listdir(tmp), key=lambda n: n == "DONE"):  # DONE last
-            dst = os.path.join(paths["dir"], name)
+            dst = os.path.join(dir, name)
             if os.path.isdir(dst):
                 shutil.rmtree(dst)
             os.replace(os.path.join(tmp, name), dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log(f"done in {time.time() - t0:.1f}s")
-    return paths
 
 
-def prepare_if_used(paths: list[str]) -> None:
-    """Build the world if any of `paths` lies in it and it is not completely built yet.
-    Under torchrun local rank 0 builds; the other local ranks wait for its DONE marker."""
-    done = os.path.join(TOY_DIR, "DONE")
-    if any(p.startswith(TOY_DIR) for p in paths) and not os.path.exists(done):
+def prepare_if_used(paths: list[str], root: str = TOY_DIR, prepare=prepare) -> None:
+    """Run `prepare()` if any of `paths` lies in the world at `root` and it is not completely
+    built yet. Under torchrun local rank 0 builds; the other local ranks wait for its DONE."""
+    done = os.path.join(root, "DONE")
+    if any(os.path.abspath(p).startswith(root) for p in paths) and not os.path.exists(done):
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
             prepare()
         while not os.path.exists(done):

@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import random
-import shutil
 import sys
 import time
 from types import SimpleNamespace
@@ -218,45 +217,15 @@ def _build(tmp, quick=False):
 
 
 def prepare(dir=TOY_DIR, force=False, quick=False):
-    """Build the world into `dir` once (temp dir, then renamed entries, DONE last)."""
+    """Build the world into `dir` once (toy.build_cached: temp dir, DONE marker last)."""
     dir = os.path.abspath(dir)
-    done = os.path.join(dir, "DONE")
-    if os.path.exists(done) and not force:
-        return dir
-    quick = quick or os.environ.get("OPD_TOY_QUICK") == "1"
-    t0 = time.time()
-    toy.log(f"building the agentic toy world in {dir}")
-    os.makedirs(dir, exist_ok=True)
-    tmp = f"{dir.rstrip(os.sep)}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        with toy.torch_threads(1):
-            _build(tmp, quick)
-        with open(os.path.join(tmp, "DONE"), "w") as f:
-            f.write(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
-        if os.path.exists(done):
-            os.remove(done)
-        for name in sorted(os.listdir(tmp), key=lambda n: n == "DONE"):
-            dst = os.path.join(dir, name)
-            if os.path.isdir(dst):
-                shutil.rmtree(dst)
-            os.replace(os.path.join(tmp, name), dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    toy.log(f"done in {time.time() - t0:.1f}s")
+    toy.build_cached(dir, _build, "the agentic toy world", force, quick)
     return dir
 
 
 def prepare_if_used(paths):
-    """Build the world if any of `paths` lies in it; under torchrun local rank 0 builds and
-    the other local ranks wait for its DONE marker."""
-    done = os.path.join(TOY_DIR, "DONE")
-    if any(os.path.abspath(p).startswith(TOY_DIR) for p in paths) and not os.path.exists(done):
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-            prepare()
-        while not os.path.exists(done):
-            time.sleep(1)
+    """Build the world if any of `paths` lies in it (under torchrun: local rank 0 builds)."""
+    toy.prepare_if_used(paths, TOY_DIR, prepare)
 
 
 if __name__ == "__main__":
