@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+import loading
 from rollout import Rollout, collate, response_logp
 
 
@@ -82,22 +83,25 @@ def load_teacher(name, path, *, device, dtype, ranks=None, attn_implementation="
     it with FSDP2 over them. Every rank must call this (creating the group is
     collective); the others get a Teacher without a model and never read the weights."""
     from torch.distributed.device_mesh import DeviceMesh
-    from transformers import AutoModelForCausalLM
 
     ranks = sorted(ranks) if ranks else list(range(dist.get_world_size()))
     group = dist.group.WORLD if len(ranks) == dist.get_world_size() else dist.new_group(ranks)
     if dist.get_rank() not in ranks:
         return Teacher(name=name, ranks=ranks, group=group, **kw)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
-                                                 attn_implementation=attn_implementation)
-    model.eval().requires_grad_(False)
     mesh = DeviceMesh.from_group(group, device_type=torch.device(device).type)
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-    # Forward only: reshard after every block so at most one block is ever gathered.
-    for block in model.model.layers:
-        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
-    model.to(device)  # after sharding: the device only ever holds this rank's shard
+
+    def shard(model):
+        model.eval().requires_grad_(False)
+        # Forward only: reshard after every block so at most one block is ever gathered.
+        for block in model.model.layers:
+            fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
+        fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
+
+    # each member reads only its own shards from disk (loading.py): the host and the
+    # device only ever hold this rank's part of the teacher
+    model = loading.build_sharded(path, dtype=dtype, shard=shard, device=device,
+                                  attn_implementation=attn_implementation)
     return Teacher(name=name, model=model, ranks=ranks, group=group, **kw)
 
 
