@@ -27,6 +27,7 @@ Knows nothing about teachers' scoring or losses. Simplified: envs are stepped on
 another in the trainer's process; an episode's reward is the sum of its env rewards.
 """
 
+import itertools
 import random
 from dataclasses import dataclass, field
 
@@ -169,15 +170,21 @@ def play(act, episodes, tokenizer, max_len, *, turns=None):
     return episodes
 
 
-def vllm_actor(llm, *, temperature=1.0, top_p=1.0, top_k=-1):
-    """The student acting: one batched generate on the local engine per turn."""
+def vllm_actor(llm, *, temperature=1.0, top_p=1.0, top_k=-1, seed_key=None):
+    """The student acting: one batched generate on the local engine per turn. `seed_key`:
+    each request is seeded from (seed_key, turn, row), so a replayed step samples the same
+    tokens (rollout.request_seed); None = the engine's own random stream."""
     from vllm.inputs import TokensPrompt
+
+    turn = itertools.count()
 
     def act(rows, budgets):
         if not rows:
             return []
-        params = [rollout.sampling_params(n=1, max_tokens=b, temperature=temperature, top_p=top_p, top_k=top_k)
-                  for b in budgets]
+        k = next(turn)
+        seeds = [None if seed_key is None else rollout.request_seed(*seed_key, k, i) for i in range(len(rows))]
+        params = [rollout.sampling_params(n=1, max_tokens=b, temperature=temperature, top_p=top_p, top_k=top_k,
+                                          seed=s) for b, s in zip(budgets, seeds)]
         outs = llm.generate([TokensPrompt(prompt_token_ids=r) for r in rows], params, use_tqdm=False)
         return [(list(o.outputs[0].token_ids), rollout.sampled_logprobs(o.outputs[0], list(o.outputs[0].token_ids)))
                 for o in outs]
@@ -229,6 +236,14 @@ class EnvGroups:
         return [start(self.specs[tag], tag, seed, g, tokenizer, template_of(tag), prompt_length)
                 for g, (tag, seed) in enumerate(batch[self.dp_rank * share:(self.dp_rank + 1) * share])
                 for _ in range(self.group_size)]
+
+    def state_dict(self):
+        """The position in the seed stream (for an exact resume)."""
+        return {"rng": self.rng.getstate(), "k": self.k}
+
+    def load_state_dict(self, state):
+        self.rng.setstate(state["rng"])
+        self.k = state["k"]
 
 
 def check_first_observations(specs, pairs, tokenizer, template_of, prompt_length):
@@ -282,7 +297,7 @@ def transcript(e):
     return f"[{e.tag}] " + " | ".join(f"{a!r}" for a in e.actions) + f" (reward {e.reward:.2f}, {e.end})"
 
 
-def evaluate(llm, pairs, specs, tokenizer, template_of, cfg, device):
+def evaluate(llm, pairs, specs, tokenizer, template_of, cfg, device, seed_key=None):
     """The student plays the validation episodes greedily, this rank a share (TP peers
     the same share, counted once). Returns (val/<tag>/success + val/success, examples)."""
     tp = cfg.student_infer.tensor_parallel_size
@@ -290,7 +305,7 @@ def evaluate(llm, pairs, specs, tokenizer, template_of, cfg, device):
     mine = pairs[rank // tp::dp]
     eps = [start(specs[tag], tag, seed, i, tokenizer, template_of(tag), cfg.prompt_length)
            for i, (tag, seed) in enumerate(mine)]
-    play(vllm_actor(llm, temperature=cfg.validation.temperature), eps, tokenizer,
+    play(vllm_actor(llm, temperature=cfg.validation.temperature, seed_key=seed_key), eps, tokenizer,
          cfg.prompt_length + cfg.response_length)
     metrics = _success_metrics(eps, pairs, "val", "success", device, counted=rank % tp == 0)
     firsts = [next(e for e in eps if e.tag == tag) for tag in sorted({e.tag for e in eps})]  # one per tag

@@ -87,12 +87,12 @@ def rollout_vs_bare(rounds):
     llm = rollout.make_engine(cfg.pretrain, dtype=cfg.student_infer.dtype,
                               max_model_len=cfg.prompt_length + cfg.response_length)
     n, R = cfg.num_return_sequences_in_group, cfg.response_length
-    bare, ours = [], []
+    times = {0: [], 1: [], 2: []}  # bare, rollout.generate, rollout.generate seeded per request
     for i in range(rounds + 1):
         prompts = [ids for ids, _ in batches.next()]
         tags = ["t"] * len(prompts)
-        # ignore_eos in neither: same prompts and params; alternate who goes first
-        for which in ((0, 1) if i % 2 else (1, 0)):
+        # ignore_eos in none: same prompts and params; rotate who goes first
+        for which in [(0, 1, 2), (1, 2, 0), (2, 0, 1)][i % 3]:
             dist.barrier()
             t = time.perf_counter()
             if which == 0:
@@ -100,17 +100,19 @@ def rollout_vs_bare(rounds):
                 llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
                              SamplingParams(n=n, max_tokens=R, logprobs=0, detokenize=False,
                                             flat_logprobs=True), use_tqdm=False)
-            else:
-                rollout.generate(llm, prompts, tags, n=n, max_tokens=R)
+            else:  # what opd.py runs: every request seeded from (seed, step, rank, prompt)
+                rollout.generate(llm, prompts, tags, n=n, max_tokens=R,
+                                 seed_key=None if which == 1 else (0, i, dist.get_rank()))
             dt = time.perf_counter() - t
             if i:  # round 0 warms up
-                (bare if which == 0 else ours).append(dt)
+                times[which].append(dt)
     if dist.get_rank() == 0:
-        b, o = statistics.median(bare), statistics.median(ours)
+        b, o, s = (statistics.median(times[k]) for k in (0, 1, 2))
         print(f"\nrollout phase vs bare vLLM generate, 2 ranks, median of {rounds} rounds")
-        print("| | seconds |\n|---|---|")
-        print(f"| bare llm.generate | {b:.4f} |\n| rollout.generate | {o:.4f} |")
-        print(f"| ratio | {o / b:.3f}x |", flush=True)
+        print("| | seconds | vs bare |\n|---|---|---|")
+        print(f"| bare llm.generate | {b:.4f} | 1.000x |\n| rollout.generate, engine's random stream | {o:.4f} | "
+              f"{o / b:.3f}x |\n| rollout.generate, seeded per request (opd.py) | {s:.4f} | {s / b:.3f}x |",
+              flush=True)
     dist.barrier()  # as in opd.py: no rank tears down while rank 0 still prints
     del llm
 

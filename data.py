@@ -38,6 +38,7 @@ def read_jsonl(paths):
                 if not isinstance(rec, dict):
                     raise DataError(f"{path}:{lineno}: expected a JSON object per line")
                 rec["messages"] = _messages(rec, f"{path}:{lineno}")
+                rec["_where"] = f"{path}:{lineno}"  # for later errors about this record
                 records.append(rec)
     if not records:
         raise DataError(f"data.file_name: no records in {', '.join(paths)}")
@@ -171,3 +172,13 @@ class PromptBatches:
         share = self.batch_size // self.dp_size
         mine = batch[self.dp_rank * share:(self.dp_rank + 1) * share]
         return [self.items[i] for i in mine]
+
+    def state_dict(self):
+        """The position in the data (for an exact resume): each stream's epoch and what is
+        left of its permutation, and the generator that draws domains."""
+        return {"g": self.g.get_state(), "streams": [(s.epoch, list(s.order)) for s in self.streams]}
+
+    def load_state_dict(self, state):
+        self.g.set_state(state["g"])
+        for s, (epoch, order) in zip(self.streams, state["streams"]):
+            s.epoch, s.order = epoch, list(order)

@@ -32,14 +32,17 @@ import torch.distributed as dist
 
 import rollout  # noqa: I001  first: sets the vLLM environment before vLLM is imported
 import agent
+import checkpoint
 import config
 import data
+import loading
 import student as student_lib
 import teachers as teachers_lib
 import toy
 import sources
 import toy_agentic
 import validation
+import logs
 from logs import Logger, banner, progress_line, step_metrics
 from loss import rl_advantages
 
@@ -226,7 +229,16 @@ class Config:
     max_steps: int = 400
     """Training steps (one rollout batch and one optimizer step each)."""
     save_steps: int = 0
-    """Save a checkpoint every N steps (0 = only at the end; always at the end)."""
+    """Save a checkpoint every N steps (0 = only at the end; always at the end): the HF
+    export plus the state to resume from (checkpoint.py)."""
+    save_total_limit: int = 0
+    """Keep only the newest N checkpoints (0 = keep all)."""
+    resume_from_checkpoint: Optional[str] = None
+    """auto = continue from output_dir's latest checkpoint (start fresh if there is none);
+    a checkpoints/step_N path = continue from it; None = start fresh."""
+    max_consecutive_skips: int = 5
+    """Steps with non-finite numbers (loss, gradient norm, teacher log-probs) are skipped;
+    after this many in a row the run stops with an error (0 = never stop)."""
     output_dir: str = "runs/opd-{time}"
     """Where config.yaml, metrics.jsonl, TensorBoard events and checkpoints/ go."""
     overwrite_output_dir: bool = False
@@ -235,6 +247,9 @@ class Config:
     """Seed of data order, sampling and everything else."""
     device: str = "auto"
     """cuda | cpu | auto (cuda if available)."""
+    verbose: bool = False
+    """Show library output (vLLM, torch, warnings) on the console. Without it the console has
+    opd's lines and errors only, and library output goes to output_dir/logs/rank<R>.log."""
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -281,31 +296,55 @@ def init_distributed(device):
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def fetch_models(cfg, rank):
+    """Hub ids (e.g. Qwen/Qwen3-8B) -> local snapshots, which every rank reads its shards
+    from: rank 0 downloads first, the others then find them in the cache."""
+    for downloader in (True, False):
+        if (rank == 0) == downloader:
+            cfg.pretrain = loading.local_dir(cfg.pretrain)
+            for t in cfg.teacher.values():
+                t.model_name_or_path = loading.local_dir(t.model_name_or_path)
+        dist.barrier()
+
+
+def prepare_output_dir(cfg, rank):
+    """Fill in output_dir's {time} (one name for all ranks), find the checkpoint to resume
+    from, refuse to clobber an earlier run, and write config.yaml. Returns the checkpoint
+    path or None."""
+    stamp = [datetime.datetime.now().strftime("%Y%m%d-%H%M%S")]
+    dist.broadcast_object_list(stamp, src=0)  # start-up only; not on the hot path
+    cfg.output_dir = cfg.output_dir.replace("{time}", stamp[0])
+    resume = checkpoint.resolve(cfg.resume_from_checkpoint, cfg.output_dir)
+    if (os.path.exists(os.path.join(cfg.output_dir, "metrics.jsonl")) and not cfg.overwrite_output_dir
+            and resume is None):
+        raise config.ConfigError(
+            f"output_dir: {cfg.output_dir} already holds a run (metrics.jsonl) and no checkpoint to resume"
+            f"{' was found there' if cfg.resume_from_checkpoint == 'auto' else ''}; choose another "
+            "--output_dir, pass --overwrite_output_dir, or --resume_from_checkpoint auto|PATH")
+    dist.barrier()  # every rank has checked before rank 0 writes anything
+    if rank == 0:
+        import yaml
+
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        if cfg.overwrite_output_dir and resume is None:
+            open(os.path.join(cfg.output_dir, "metrics.jsonl"), "w").close()
+        with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
+            yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
+    logs.library_log_to(cfg.output_dir, rank)  # library output from here on (unless --verbose)
+    return resume
+
+
 # ----------------------------------------------------------------------------------------
 # The loop
 
 
 def main(cfg):
     rank, world, device = init_distributed(cfg.device)
+    fetch_models(cfg, rank)
     tp = cfg.student_infer.tensor_parallel_size
     config.check_lengths(cfg)
 
-    # ---- output dir: one name for all ranks, never clobbering an earlier run
-    stamp = [datetime.datetime.now().strftime("%Y%m%d-%H%M%S")]
-    dist.broadcast_object_list(stamp, src=0)  # start-up only; not on the hot path
-    cfg.output_dir = cfg.output_dir.replace("{time}", stamp[0])
-    if os.path.exists(os.path.join(cfg.output_dir, "metrics.jsonl")) and not cfg.overwrite_output_dir:
-        raise config.ConfigError(f"output_dir: {cfg.output_dir} already holds a run (metrics.jsonl); "
-                          "choose another --output_dir or pass --overwrite_output_dir")
-    dist.barrier()  # every rank has checked before rank 0 writes anything
-    if rank == 0:
-        import yaml
-
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        if cfg.overwrite_output_dir:
-            open(os.path.join(cfg.output_dir, "metrics.jsonl"), "w").close()
-        with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
-            yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
+    resume = prepare_output_dir(cfg, rank)  # the checkpoint to continue from, or None
 
     # ---- data: prompts rendered per tag (rlvr), or environments to play (agentic)
     from transformers import AutoTokenizer
@@ -318,6 +357,11 @@ def main(cfg):
     # then the student (FSDP2, trained) and the teacher (FSDP2, forward only)
     torch.manual_seed(cfg.seed)
     si = cfg.student_infer
+    for line in config.toy_values_notice(cfg) + loading.memory_estimate(  # before loading: does it fit?
+            cfg.pretrain, cfg.student_train.dtype, [(n, t.model_name_or_path, t.dtype, t.device_mapping)
+                                                    for n, t in cfg.teacher.items()],
+            world, si.dtype, si.kv_cache_gib, si.gpu_memory_utilization, device):
+        banner(line)
     for name, tc in cfg.teacher.items():
         teachers_lib.check_vocab(cfg.pretrain, tc.model_name_or_path, name)
         if tc.tag_included and not set(tc.tag_included) & set(all_tags):
@@ -338,31 +382,33 @@ def main(cfg):
     scorers = [] if cfg.off_policy else teachers  # off-policy: the samples are the teacher's own
     mode = ("plain RL" if not teachers else "off-policy distillation (SFT on teacher samples)"
             if cfg.off_policy else "mixed (RL + OPD)" if cfg.use_opd else "pure OPD")
-    logger = Logger(cfg.output_dir, rank == 0)
+    run = (checkpoint.resume_run(resume, student, opt, sched, src, llm, DTYPES[si.dtype]) if resume
+           else checkpoint.Progress())
+    logger = Logger(cfg.output_dir, rank == 0, resume_step=run.step if resume else None)
     banner(f"opd: {mode}{' (agentic)' if cfg.pure_opd_pipeline_type == 'agentic' else ''}, {world} rank(s) "
            f"on {device}, {src.what}, output in {cfg.output_dir}")
 
     def validate(step):
-        metrics, examples = src.validate(llm, device)
+        metrics, examples = src.validate(llm, device, step)
+        llm.reset_prefix_cache()  # the next step starts from the same engine state as after a resume
         banner(f"val  {step:4d}/{cfg.max_steps} | " + " | ".join(f"{k[4:]} {v:.3f}" for k, v in metrics.items()))
         for ex in examples:
             banner(f"      {ex}")
         return metrics, examples
 
-    first = last = {}
-    if has_val:
-        first, examples = validate(0)
+    last = {}
+    if has_val and not resume:
+        run.first, examples = validate(0)
         if teachers and cfg.validation.teacher:
-            first.update(src.teacher_validate(teachers, device))
-            banner("val  teacher | " + " | ".join(f"{k[4:]} {v:.3f}" for k, v in first.items() if "teacher" in k))
-        logger.log(0, first, examples)
-    elapsed = tokens_total = 0  # cumulative step time (validation excluded) and tokens trained on
-    for step in range(1, cfg.max_steps + 1):
+            run.first.update(src.teacher_validate(teachers, device))
+            banner("val  teacher | " + " | ".join(f"{k[4:]} {v:.3f}" for k, v in run.first.items() if "teacher" in k))
+        logger.log(0, run.first, examples)
+    for step in range(run.step + 1, cfg.max_steps + 1):
         t_step = time.perf_counter()
 
         # ---- 1. rollout: G answers per prompt (G episodes per env seed) on the local engine
         t0 = time.perf_counter()
-        batch, records = src.sample(llm, teachers, device)
+        batch, records = src.sample(llm, teachers, device, step)
         if tp > 1:  # TP peers sampled the same groups: each keeps whole groups of its own
             keep = [i for i, g in enumerate(batch.group.tolist()) if g % tp == rank % tp]
             batch, records = batch.select(keep), [records[i] for i in keep]
@@ -384,18 +430,19 @@ def main(cfg):
         teacher_logps, routed, t_each = teachers_lib.score(scorers, batch, tag_ids)
         t_teacher = time.perf_counter() - t0
 
-        # ---- 4. advantage, loss, FSDP2 backward and optimizer step
+        # ---- 4. advantage, loss, FSDP2 backward and optimizer step (skipped on bad numbers)
         t0 = time.perf_counter()
-        sums = student_lib.train_step(student, opt, sched, batch, teacher_logps, routed, scorers,
+        sums, skipped = student_lib.train_step(student, opt, sched, batch, teacher_logps, routed, scorers,
                                       st=cfg.student_train, temperature=si.temperature,
                                       kl_estimator=cfg.kl_estimator, rl_adv=rl_adv, sft=cfg.off_policy)
         t_train = time.perf_counter() - t0
 
-        # ---- 5. weight sync into the local vLLM engine
+        # ---- 5. weight sync into the local vLLM engine (unless the weights did not change)
         t0 = time.perf_counter()
         if si.sleep:
             rollout.wake_up(llm)
-        rollout.sync_weights(llm, student, DTYPES[si.dtype])
+        if not skipped:
+            rollout.sync_weights(llm, student, DTYPES[si.dtype])
         t_sync = time.perf_counter() - t0
 
         # ---- 6. log, validate, checkpoint
@@ -405,25 +452,27 @@ def main(cfg):
         src.add_sums(sums, records)
         g = student_lib.reduce_sums(sums, device)
         step_s = time.perf_counter() - t_step
-        elapsed, tokens_total = elapsed + step_s, tokens_total + g["all_tokens"]
+        run.advance(step, step_s, g["all_tokens"], skipped)
         timing = dict(rollout=t_rollout, reward=t_reward, teacher=t_teacher, train=t_train, sync=t_sync,
-                      step=step_s, elapsed=elapsed)
+                      step=step_s, elapsed=run.elapsed)
         metrics = step_metrics(g, timing, t_each, scorers, all_tags, sched.get_last_lr()[0], device)
-        metrics.update({"throughput/tokens_total": tokens_total, **src.metrics(g)})
+        metrics.update({"throughput/tokens_total": run.tokens_total, "train/skipped_steps": run.skipped_steps,
+                        **src.metrics(g)})
         examples = []
         if has_val and (step % cfg.validation.eval_steps == 0 or step == cfg.max_steps):
             last, examples = validate(step)
             metrics.update(last)
         logger.log(step, metrics, examples)
         banner(progress_line(step, cfg.max_steps, metrics, g))
+        student_lib.check_skips(run, skipped, cfg.max_consecutive_skips, cfg.output_dir)
         if step == cfg.max_steps or (cfg.save_steps and step % cfg.save_steps == 0):
             path = os.path.join(cfg.output_dir, "checkpoints", f"step_{step}")
-            student_lib.save_checkpoint(student, tokenizer, path)
+            checkpoint.save_run(path, run, student, opt, sched, tokenizer, src, cfg.save_total_limit)
             banner(f"saved {path}")
 
     if has_val and last:
         name = src.score_name
-        banner("\n".join(["", f"validation {name}, before and after:", *validation.summary(first, last, step, name)]))
+        banner("\n".join(["", f"validation {name}, before and after:", *validation.summary(run.first, last, step, name)]))
     logger.close()
     dist.barrier()  # rank 0 may still be writing: a peer tearing down its groups early makes gloo abort
     del llm  # vLLM's shutdown tears down the default process group itself
@@ -433,7 +482,9 @@ def main(cfg):
 
 if __name__ == "__main__":
     try:
-        cfg = parse_config(sys.argv[1:])
+        cfg = parse_config(sys.argv[1:])  # before quiet_console: --help and flag errors print as usual
+        if not cfg.verbose:
+            logs.quiet_console(int(os.environ.get("RANK", "0")))  # library output -> a log file
         config.apply_toy_defaults(cfg, config.given_keys(sys.argv[1:]))
         config.check_config(cfg, world=int(os.environ.get("WORLD_SIZE", "1")))
         used = [cfg.pretrain, *(t.model_name_or_path for t in cfg.teacher.values())]
@@ -441,7 +492,8 @@ if __name__ == "__main__":
                                     if cfg.pure_opd_pipeline_type == "rlvr" else []))
         toy_agentic.prepare_if_used(used)
         main(cfg)
-    except (config.ConfigError, data.DataError, teachers_lib.TeacherError, agent.EnvError) as e:
+    except (config.ConfigError, data.DataError, teachers_lib.TeacherError, agent.EnvError, checkpoint.ResumeError,
+            student_lib.TrainingError) as e:
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"opd: error: {e}", file=sys.stderr)
+            logs.error(e)
         sys.exit(2)

@@ -3,10 +3,11 @@
 `make(cfg, tokenizer, dp_rank, dp_size)` returns one of two objects with the same small
 interface, so the training loop reads the same for both pipelines:
 
-    batch, records = src.sample(llm, teachers, device)   # this rank's Rollout + a record per row
+    batch, records = src.sample(llm, teachers, device, step)  # this rank's Rollout + a record per row
     reward, scored = src.rewards(batch, records)          # [B] reward, [B] bool (has a reward)
     src.add_sums(sums, records); src.metrics(g)           # pipeline-specific step metrics
-    src.validate(llm, device); src.teacher_validate(teachers, device)
+    src.validate(llm, device, step); src.teacher_validate(teachers, device)
+    src.state_dict(); src.load_state_dict(state)          # the data position (exact resume)
 
 `Prompts`: seed-format jsonl rendered per tag, G samples per prompt on the local engine
 (or the teacher's own samples for the off-policy baseline), rewards from `rewards.py`,
@@ -37,7 +38,7 @@ class Prompts:
     def __init__(self, cfg, tokenizer, dp_rank, dp_size, banner):
         """Prompts rendered per tag, skipped when too long or routed nowhere; the validation
         prompts; each record checked against the rewards that will score it."""
-        self.cfg, self.tokenizer = cfg, tokenizer
+        self.cfg, self.tokenizer, self.dp_rank = cfg, tokenizer, dp_rank
         # the tag lists of what can use a prompt: rewards (also for validation) and teachers
         reward_tags = [r.tag_included for r in cfg.rewards.values()]
         teacher_tags = [t.tag_included for t in cfg.teacher.values()]
@@ -62,7 +63,7 @@ class Prompts:
         self.what = f"{len(items)} prompts"
         self.all_tags = sorted({rec.get("tag", "") for _, rec in items})
 
-    def sample(self, llm, teachers, device):
+    def sample(self, llm, teachers, device, step):
         cfg, si, tok = self.cfg, self.cfg.student_infer, self.tokenizer
         prompts = self.batches.next()
         ids, tags = [ids for ids, _ in prompts], [r.get("tag", "") for _, r in prompts]
@@ -73,7 +74,8 @@ class Prompts:
                                                  pad_id=pad_id, device=device)
         else:
             batch = rollout.generate(llm, ids, tags, n=G, max_tokens=cfg.response_length,
-                                     temperature=si.temperature, top_p=si.top_p, top_k=si.top_k, pad_id=pad_id)
+                                     temperature=si.temperature, top_p=si.top_p, top_k=si.top_k, pad_id=pad_id,
+                                     seed_key=(cfg.seed, step, self.dp_rank))
         return batch, [prompts[g][1] for g in batch.group.tolist()]
 
     def rewards(self, batch, records):
@@ -86,8 +88,15 @@ class Prompts:
     def metrics(self, g):
         return {}
 
-    def validate(self, llm, device):
-        return validation.evaluate(llm, self.val, self.tokenizer, self.cfg, self.reward_cfgs, device)
+    def validate(self, llm, device, step):
+        return validation.evaluate(llm, self.val, self.tokenizer, self.cfg, self.reward_cfgs, device,
+                                   seed_key=("val", self.cfg.seed, step, self.dp_rank))
+
+    def state_dict(self):
+        return self.batches.state_dict()
+
+    def load_state_dict(self, state):
+        self.batches.load_state_dict(state)
 
     def teacher_validate(self, teachers, device):
         return validation.teacher_accuracy(teachers, self.val, self.tokenizer, self.cfg, self.reward_cfgs, device)
@@ -100,7 +109,7 @@ class Episodes:
 
     def __init__(self, cfg, tokenizer, dp_rank, dp_size, banner):
         """The training env groups and the validation episodes (tag, seed)."""
-        self.cfg, self.tokenizer = cfg, tokenizer
+        self.cfg, self.tokenizer, self.dp_rank = cfg, tokenizer, dp_rank
         train_tags = cfg.train_env_manager.tags or sorted(cfg.custom_envs)
         val_tags = cfg.val_env_manager.tags or sorted(cfg.custom_envs)
         self.groups = agent.EnvGroups(cfg.custom_envs, train_tags, cfg.rollout_batch_size,
@@ -113,11 +122,12 @@ class Episodes:
     def template_of(self, tag):
         return self.cfg.tag_to_template.get(tag, self.cfg.global_template)
 
-    def sample(self, llm, teachers, device):
+    def sample(self, llm, teachers, device, step):
         """G episodes per env seed, all advancing together: one generate per turn."""
         cfg, si = self.cfg, self.cfg.student_infer
         episodes = self.groups.next(self.tokenizer, self.template_of, cfg.prompt_length)
-        agent.play(agent.vllm_actor(llm, temperature=si.temperature, top_p=si.top_p, top_k=si.top_k),
+        agent.play(agent.vllm_actor(llm, temperature=si.temperature, top_p=si.top_p, top_k=si.top_k,
+                                    seed_key=(cfg.seed, step, self.dp_rank)),
                    episodes, self.tokenizer, cfg.prompt_length + cfg.response_length)
         return agent.to_rollout(episodes, self.tokenizer.pad_token_id or 0), episodes
 
@@ -130,8 +140,15 @@ class Episodes:
     def metrics(self, g):
         return agent.episode_means(g, self.all_tags)
 
-    def validate(self, llm, device):
-        return agent.evaluate(llm, self.val, self.cfg.custom_envs, self.tokenizer, self.template_of, self.cfg, device)
+    def validate(self, llm, device, step):
+        return agent.evaluate(llm, self.val, self.cfg.custom_envs, self.tokenizer, self.template_of, self.cfg, device,
+                              seed_key=("val", self.cfg.seed, step, self.dp_rank))
+
+    def state_dict(self):
+        return self.groups.state_dict()
+
+    def load_state_dict(self, state):
+        self.groups.load_state_dict(state)
 
     def teacher_validate(self, teachers, device):
         return agent.teacher_success(teachers, self.val, self.cfg.custom_envs, self.tokenizer, self.template_of,

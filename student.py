@@ -1,21 +1,22 @@
-"""The student: FSDP2 sharding, the training step, and HF-format checkpoints.
+"""The student: FSDP2 sharding and the training step.
 
 Owns building the trainable student (fully_shard per block, fp32 master weights with a
-compute dtype, AdamW), one optimizer step over a rollout batch (advantage, importance-
-sampled policy loss, gradient accumulation over micro-batches, clipping), and saving the
-student so that transformers and vLLM load it as-is.
+compute dtype, AdamW) and one optimizer step over a rollout batch (advantage, importance-
+sampled policy loss, gradient accumulation over micro-batches, clipping, skipping a step
+with non-finite numbers). Checkpoints (the HF export and the resumable state) are
+checkpoint.py's.
 
 Simplified: one optimizer step per rollout batch (so the detached current logp is pi_old),
-warm-up then constant or cosine learning rate, no optimizer-state checkpoints (no resume).
+warm-up then constant or cosine learning rate.
 """
 
 import math
 import os
-import shutil
 
 import torch
 import torch.distributed as dist
 
+import loading
 import rollout
 from loss import agg_denom, opd_advantages, policy_loss, sft_loss
 
@@ -26,24 +27,32 @@ def build_student(path, st, device, total_steps):
     student_train config."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                 attn_implementation=st.attn_implementation)
-    if st.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
     mesh = init_device_mesh(torch.device(device).type, (dist.get_world_size(),))
     # Parameters are all-gathered in `dtype` for compute; gradients reduce-scatter in fp32.
     mp = MixedPrecisionPolicy(param_dtype=getattr(torch, st.dtype), reduce_dtype=torch.float32)
-    # Each block is its own FSDP unit: its parameters are gathered just before it runs and
-    # freed right after (reshard_after_forward), then gathered again for backward. Not the
-    # last block: its backward starts right after the forward, so freeing it would only buy
-    # one more all-gather (as torchtitan does; ~1.3 ms of a tiny 2-rank step over gloo).
-    layers = model.model.layers
-    for i, block in enumerate(layers):
-        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(layers) - 1)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
-    model.to(device)
+
+    def shard(model):
+        if st.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        # Each block is its own FSDP unit: its parameters are gathered just before it runs
+        # and freed right after (reshard_after_forward), then gathered again for backward.
+        # Not the last block: its backward starts right after the forward, so freeing it
+        # would only buy one more all-gather (as torchtitan does; ~1.3 ms of a tiny 2-rank
+        # step over gloo).
+        layers = model.model.layers
+        for i, block in enumerate(layers):
+            fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(layers) - 1)
+        fully_shard(model, mesh=mesh, mp_policy=mp)
+
+    # fp32 master weights; each rank reads only its own shards from disk (loading.py)
+    model = loading.build_sharded(path, dtype=torch.float32, shard=shard, device=device,
+                                  attn_implementation=st.attn_implementation)
+    if st.gradient_checkpointing:
+        # transformers recomputes activations only in training mode (the model comes back in
+        # eval mode, like from_pretrained's); dropout then follows the model's config (0 in
+        # Qwen3 and Llama: trainer and sampler log-probs stay comparable)
+        model.train()
     # fused: one kernel per step over all parameters. The default on CPU is a loop of ~10
     # ops per parameter, each a DTensor dispatch under FSDP2: 3.2 -> 1.4 ms on the tiny
     # peer-benchmark student, 428 -> 268 ms (with grad clipping) on an 8-layer SmolLM2.
@@ -62,24 +71,6 @@ def lr_factor(step, st, total_steps):
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def save_checkpoint(model, tokenizer, path):
-    """HF-format student (config + safetensors + tokenizer) that transformers and vLLM load.
-
-    Gathers the full state dict on rank 0 (CPU); written to a temp dir then renamed, so a
-    crash never leaves a half-written step_N."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if dist.get_rank() == 0:
-        tmp = path + ".tmp"
-        model.save_pretrained(tmp, state_dict=state)
-        tokenizer.save_pretrained(tmp)
-        if os.path.exists(path):  # the same step saved twice: the newer one wins
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    dist.barrier()
-
-
 def train_step(student, opt, sched, batch, teacher_logps, routed, teachers, *, st, temperature=1.0,
                kl_estimator="k1", rl_adv=None, sft=False):
     """Advantage + IS policy loss over micro-batches, then one FSDP2 optimizer step.
@@ -92,9 +83,14 @@ def train_step(student, opt, sched, batch, teacher_logps, routed, teachers, *, s
 
     `rl_adv` [B] (mixed mode, plain RL) is the sequence-level advantage from external
     rewards; the teachers' weighted KL is subtracted from it. `sft` (the off-policy
-    baseline: the batch was written by the teacher) trains by plain NLL instead. Returns
-    the step's metric sums (0-d tensors) for `reduce_sums`."""
+    baseline: the batch was written by the teacher) trains by plain NLL instead.
+
+    Bad numbers: if any rank saw a non-finite teacher log-prob or loss, or the gradient
+    norm is non-finite, every rank skips the optimizer step (gradients dropped, weights,
+    AdamW state and lr schedule untouched). Returns (the step's metric sums as 0-d tensors
+    for `reduce_sums`, the reasons the step was skipped: [] = it was taken)."""
     world = dist.get_world_size()
+    bad_teacher = any(not torch.isfinite(v).all() for v in teacher_logps.values())
     denom = agg_denom(batch.response_mask, st.loss_agg_mode).float()
     dist.all_reduce(denom)
     coefs = {t.name: t.coef for t in teachers}
@@ -134,11 +130,43 @@ def train_step(student, opt, sched, batch, teacher_logps, routed, teachers, *, s
             add(f"tokens/{t.name}", tmask.sum())
     grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), st.max_grad_norm or float("inf"))
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    opt.step()
-    sched.step()
+    why = skip_reasons(bad_teacher, sums["loss"], grad_norm)
+    if not why:
+        opt.step()
+        sched.step()
     opt.zero_grad(set_to_none=True)
     add("grad_norm", grad_norm / world)  # the same on every rank: the sum over ranks / world
-    return sums
+    return sums, why
+
+
+def skip_reasons(bad_teacher, loss, grad_norm):
+    """Why this step must not update the weights, agreed by all ranks (one small all-reduce):
+    a non-finite value on any rank skips the step everywhere, so the shards stay in step."""
+    flags = torch.tensor([float(bad_teacher), float(not torch.isfinite(loss))], device=loss.device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    names = ["non-finite teacher log-prob", "non-finite loss", "non-finite grad norm"]
+    return [n for n, bad in zip(names, [*flags.tolist(), not torch.isfinite(grad_norm)]) if bad]
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (the message says why and what is kept)."""
+
+
+def check_skips(run, skipped, max_consecutive_skips, output_dir):
+    """Say why a step was skipped; stop the run after `max_consecutive_skips` in a row
+    (`run`: checkpoint.Progress, already advanced past this step)."""
+    import checkpoint  # not at the top: checkpoint -> logs -> validation -> student
+    from logs import banner
+
+    if not skipped:
+        return
+    banner(f"step {run.step}: optimizer step skipped ({', '.join(skipped)}); weights unchanged, "
+           f"{run.consecutive_skips} in a row")
+    if max_consecutive_skips and run.consecutive_skips >= max_consecutive_skips:
+        last = checkpoint.find_latest(os.path.join(output_dir, "checkpoints"))
+        raise TrainingError(f"{run.consecutive_skips} steps in a row had non-finite numbers ({', '.join(skipped)}; "
+                            f"max_consecutive_skips={max_consecutive_skips}); stopping. The last good "
+                            f"checkpoint is {last or 'none (no checkpoint was saved)'}")
 
 
 def reduce_sums(sums, device):

@@ -33,7 +33,7 @@ def per_tag_means(g, prefix, name, all_tags):
             for tag in all_tags if g[f"{prefix}/{tag}/n"] > 0}
 
 
-def evaluate(llm, val_items, tokenizer, cfg, reward_cfgs, device):
+def evaluate(llm, val_items, tokenizer, cfg, reward_cfgs, device, seed_key=None):
     """One answer per validation prompt (greedy by default) on this rank's share; the
     accuracy is the mean reward per tag. Returns (metrics, a few example lines)."""
     tp = cfg.student_infer.tensor_parallel_size
@@ -41,7 +41,7 @@ def evaluate(llm, val_items, tokenizer, cfg, reward_cfgs, device):
     mine = val_items[rank // tp::dp]  # TP peers take the same share and count it once
     batch = rollout.generate(llm, [ids for ids, _ in mine], [r.get("tag", "") for _, r in mine], n=1,
                              max_tokens=cfg.response_length, temperature=cfg.validation.temperature,
-                             pad_id=tokenizer.pad_token_id or 0)
+                             pad_id=tokenizer.pad_token_id or 0, seed_key=seed_key)
     texts = tokenizer.batch_decode(batch.response_ids(), skip_special_tokens=True)
     reward, scored = rewards.score_samples(reward_cfgs, texts, [r for _, r in mine])
     scored &= rank % tp == 0

@@ -40,7 +40,8 @@ def test_reverse_kl_falls_and_outputs_are_complete(tiny, tmp_path):
     assert "step   12/12 | kl" in r.stdout
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(out))
     assert "rollout_batch_size: 8" in (out / "config.yaml").read_text()
-    assert sorted(os.listdir(out / "checkpoints")) == ["step_12", "step_6"]
+    assert sorted(os.listdir(out / "checkpoints")) == ["latest", "step_12", "step_6"]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_12"
 
     # the checkpoint is an HF model that transformers and vLLM load as-is
     ckpt = str(out / "checkpoints" / "step_12")

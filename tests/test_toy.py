@@ -49,7 +49,9 @@ def test_splits_disjoint(problems, tmp_path):
     assert len(val) == 200 and not {r["prompt"] for r in val} & {r["prompt"] for r in problems}
     path = tmp_path / "val.jsonl"
     toy.write_jsonl(val, str(path))
-    assert data.read_jsonl([str(path)]) == val  # what opd.py reads back
+    back = data.read_jsonl([str(path)])  # what opd.py reads back, each record with its file:line
+    assert [r.pop("_where") for r in back] == [f"{path}:{i}" for i in range(1, 201)]
+    assert back == val
     with pytest.raises(ValueError):  # tags alternate, and there are only 5050 distinct a - b
         toy.make_problems(10102, seed=0)
 
