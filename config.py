@@ -165,7 +165,7 @@ def check_config(cfg, world):
     data.check_templates(cfg.global_template, cfg.tag_to_template)
     for where, path in (("pretrain", cfg.pretrain), *((f"teacher.{n}.model_name_or_path", t.model_name_or_path)
                                                       for n, t in cfg.teacher.items())):
-        if not path or os.path.abspath(path).startswith((toy.TOY_DIR, _agentic_toy_dir())):
+        if not path or is_toy(path):
             continue  # no teacher (plain RL), or a toy world, built on first use
         hub_id = not os.path.exists(path) and path.count("/") == 1 and not path.startswith(("/", "."))
         if not hub_id and not os.path.isfile(os.path.join(path, "config.json")):
@@ -206,6 +206,38 @@ def check_envs(cfg):
             raise ConfigError(f"{where}.env_config: {spec.env_type} rejects {spec.env_config}: {e}") from None
     if cfg.val_env_manager.num_env_groups < 1 and cfg.validation.eval_steps:
         raise ConfigError(f"val_env_manager.num_env_groups must be >= 1, got {cfg.val_env_manager.num_env_groups}")
+
+
+def is_toy(path):
+    """A model of one of the toy worlds (built on first use)."""
+    return os.path.abspath(path).startswith((toy.TOY_DIR, _agentic_toy_dir()))
+
+
+def toy_values_notice(cfg):
+    """The settings that still hold values tuned for the toy world's 300k-parameter models
+    when the student is not a toy: a notice naming each (empty for a toy student).
+
+    The dataclass defaults are the toy world's, so that `python opd.py` with no flags is the
+    teaching run and tests stay small; a real model brings its own config (see
+    configs/qwen3_32b_to_8b.yaml), and this notice names what it left at toy values."""
+    if is_toy(cfg.pretrain):
+        return []
+    d = type(cfg)()
+    toy_tuned = {"student_train.lr": (cfg.student_train.lr, d.student_train.lr),
+                 "student_train.micro_batch_size": (cfg.student_train.micro_batch_size,
+                                                    d.student_train.micro_batch_size),
+                 "prompt_length": (cfg.prompt_length, d.prompt_length),
+                 "response_length": (cfg.response_length, d.response_length),
+                 **{f"teacher.{n}.micro_batch_size": (t.micro_batch_size, d.teacher["default"].micro_batch_size)
+                    for n, t in cfg.teacher.items()},
+                 "rewards": (cfg.rewards, d.rewards)}
+    left = [f"{k}={v if k != 'rewards' else 'math_rule on every tag'}" for k, (v, default) in toy_tuned.items()
+            if v == default and not (k == "rewards" and cfg.pure_opd_pipeline_type == "agentic")]
+    if not left:
+        return []
+    return [f"notice: {cfg.pretrain} is not the toy world, but these settings keep the toy world's values "
+            f"(tuned for 300k-parameter models): {', '.join(left)}. Set them for your models "
+            "(configs/qwen3_32b_to_8b.yaml has real-model values)."]
 
 
 def _agentic_toy_dir():

@@ -345,10 +345,17 @@ def check_record(kind: str, record: dict):
 def check_records(reward_cfgs: dict, records: list[dict]):
     """`check_record` for every record and every reward ({name: (type, tag_included)})
     that covers its tag."""
-    for kind, tags in reward_cfgs.values():
+    for name, (kind, tags) in reward_cfgs.items():
         for rec in records:
             if not tags or rec.get("tag", "") in tags:
-                check_record(kind, rec)
+                try:
+                    check_record(kind, rec)
+                except ValueError as e:
+                    where = rec.get("_where", "")  # file:line, set by data.read_jsonl
+                    raise ValueError(
+                        f"{where + ': ' if where else ''}{e}. Reward '{name}' scores "
+                        f"{'tags ' + str(tags) if tags else 'every tag'}: turn it off (rewards: {{}}) or "
+                        f"scope it to the tags it can score (rewards.{name}.tag_included)") from None
 
 
 def score(kind: str, response: str, record: dict) -> float:

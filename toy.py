@@ -85,7 +85,10 @@ STUDENT = dict(arch=dict(hidden_size=96, num_layers=3, num_heads=6, num_kv_heads
 
 
 def log(msg: str) -> None:
-    print(f"[toy] {msg}", file=sys.stderr, flush=True)
+    # under opd.py's quiet console (logs.quiet_console) sys.stderr is the library log: a
+    # first-time build's progress belongs on the terminal
+    console = getattr(sys.modules.get("logs"), "console_err", None)
+    print(f"[toy] {msg}", file=console or sys.stderr, flush=True)
 
 
 @contextlib.contextmanager

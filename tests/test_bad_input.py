@@ -144,7 +144,13 @@ def test_record_a_reward_cannot_score_stops_the_run_at_start(tiny, tmp_path):
     err = opd_error(tiny, "--data.file_name", str(bad), "--rollout_batch_size", "2",
                     yaml_text="rewards:\n  code: {type: code_sandbox, tag_included: [code]}\n",
                     tmp_path=tmp_path)
-    assert "code_sandbox reward: record 'c3' (tag 'code') has no 'test_cases'" in err
+    assert f"{bad}:4: code_sandbox reward: record 'c3' (tag 'code') has no 'test_cases'" in err
+    assert "rewards.code.tag_included" in err
+
+    # the default math reward scores every tag: the error says how to turn it off or scope it
+    err = opd_error(tiny, "--data.file_name", str(bad), "--rollout_batch_size", "2", tmp_path=tmp_path)
+    assert f"{bad}:1: math_rule reward: record 'c0' (tag 'code') has no 'ground_truth'" in err
+    assert "turn it off (rewards: {})" in err and "rewards.math.tag_included" in err
 
 
 def test_teacher_on_ranks_outside_the_world(tiny, tmp_path):

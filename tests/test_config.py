@@ -89,3 +89,17 @@ def test_off_policy_needs_one_teacher_on_all_ranks(flags, needle):
     config.apply_toy_defaults(cfg, config.given_keys(argv))
     with pytest.raises(config.ConfigError, match=needle):
         config.check_config(cfg, world=2)
+
+
+def test_a_real_model_is_told_which_settings_keep_toy_values():
+    import config
+
+    assert config.toy_values_notice(opd.Config()) == []  # the toy world: its own values
+    real = opd.parse_config(["--config", os.path.join(ROOT, "configs", "qwen3_32b_to_8b.yaml")])
+    (line,) = config.toy_values_notice(real)  # the preset sets its own lr, lengths, micro-batches
+    assert "rewards=math_rule on every tag" in line and "lr" not in line and "length" not in line
+    bare = opd.parse_config(["--pretrain", "/models/Qwen3-8B"])
+    (line,) = config.toy_values_notice(bare)
+    for key in ("student_train.lr=0.002", "prompt_length=64", "response_length=16",
+                "student_train.micro_batch_size=128", "teacher.default.micro_batch_size=128"):
+        assert key in line, key
