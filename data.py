@@ -176,9 +176,13 @@ class PromptBatches:
     def state_dict(self):
         """The position in the data (for an exact resume): each stream's epoch and what is
         left of its permutation, and the generator that draws domains."""
-        return {"g": self.g.get_state(), "streams": [(s.epoch, list(s.order)) for s in self.streams]}
+        return {"g": self.g.get_state(), "streams": [(s.epoch, list(s.order)) for s in self.streams],
+                "n_items": len(self.items)}
 
     def load_state_dict(self, state):
+        if state["n_items"] != len(self.items):  # the saved order indexes the prompts of then
+            raise DataError(f"resume: the checkpoint was written with {state['n_items']} usable prompts, the "
+                            f"data now gives {len(self.items)}; resume with the same data files and prompt_length")
         self.g.set_state(state["g"])
         for s, (epoch, order) in zip(self.streams, state["streams"]):
             s.epoch, s.order = epoch, list(order)

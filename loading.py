@@ -29,6 +29,10 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
           "U8": torch.uint8, "BOOL": torch.bool}
 
 
+class LoadError(ValueError):
+    """A checkpoint that cannot be loaded into the model (the message names the key and file)."""
+
+
 def build_sharded(path, *, dtype, shard, device, attn_implementation="sdpa"):
     """The model in `path` (HF layout, safetensors), sharded by `shard(model)` (the caller's
     fully_shard calls), on `device`, holding only this rank's shards of the weights.
@@ -97,7 +101,8 @@ def load_local_shards(model, path):
         for key, t in tensors.items():
             found = [n for n in names[key] if n in index]
             if not found:
-                raise KeyError(f"{' / '.join(names[key])} is not in the checkpoint {describe_files(path)}")
+                raise LoadError(f"{' / '.join(names[key])} is not in the checkpoint {describe_files(path)} (a "
+                                "model whose checkpoint transformers renames on load is not supported here)")
             read_rows(*index[found[0]], t, found[0])
 
 
@@ -129,6 +134,8 @@ def read_rows(file, entry, data_start, t, name):
     local, start = local_rows(t)
     if list(entry["shape"]) != list(t.shape):
         raise ValueError(f"{name}: shape {entry['shape']} in {file}, but the model has {list(t.shape)}")
+    if entry["dtype"] not in DTYPES:
+        raise LoadError(f"{name}: dtype {entry['dtype']} in {file} is not supported (known: {', '.join(DTYPES)})")
     file_dtype = DTYPES[entry["dtype"]]
     if local.numel() == 0:
         return  # a rank past the last row: nothing to read

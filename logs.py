@@ -8,6 +8,7 @@ quiet console: library output goes to output_dir/logs/rank<R>.log (`quiet_consol
 """
 
 import atexit
+import faulthandler
 import functools
 import json
 import os
@@ -27,22 +28,22 @@ import validation
 class Logger:
     """metrics.jsonl + TensorBoard + one console line per step, on rank 0 only."""
 
-    def __init__(self, output_dir, enabled, resume_step=None):
-        """`resume_step`: a resumed run drops what the crashed run logged after that step
-        (metrics.jsonl lines, and TensorBoard's through purge_step) before appending."""
+    def __init__(self, output_dir, enabled, keep_through=-1):
+        """Appends to output_dir's metrics.jsonl after dropping what an earlier run logged after
+        step `keep_through` (a resumed run: its checkpoint's step; a fresh start: -1, all of
+        it); TensorBoard hides those steps too (purge_step)."""
         self.enabled = enabled
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
             path = os.path.join(output_dir, "metrics.jsonl")
-            if resume_step is not None and os.path.exists(path):
+            if os.path.exists(path):
                 with open(path) as f:
-                    kept = [line for line in f if _step_of(line) <= resume_step]
+                    kept = [line for line in f if _step_of(line) <= keep_through]
                 with open(path + ".tmp", "w") as f:
                     f.writelines(kept)
                 os.replace(path + ".tmp", path)
-            purge = None if resume_step is None else resume_step + 1
-            self.tb = SummaryWriter(log_dir=output_dir, purge_step=purge)
+            self.tb = SummaryWriter(log_dir=output_dir, purge_step=keep_through + 1)
             self.jsonl = open(path, "a")
 
     def log(self, step, metrics, examples=()):
@@ -137,6 +138,7 @@ def quiet_console(rank):
     os.close(fd)
     sys.stdout.reconfigure(line_buffering=True)  # Python's lines in order with native ones
     sys.excepthook = functools.partial(_show_traceback, sys.excepthook)
+    faulthandler.enable(file=console_err)  # a crash in native code still shows Python's stack here
     atexit.register(_drop_empty_temp_log, log_path)
 
 
@@ -159,6 +161,9 @@ def library_log_to(output_dir, rank):
     os.close(fd)
     os.remove(log_path)
     log_path = path
+    if rank == 0:
+        print(f"library output: {os.path.join(output_dir, 'logs')}/rank<R>.log (--verbose shows it here)",
+              file=console, flush=True)
 
 
 def error(msg):

@@ -20,7 +20,6 @@ Not a framework: fork it.
 """
 
 import dataclasses
-import datetime
 import os
 import sys
 import time
@@ -307,33 +306,6 @@ def fetch_models(cfg, rank):
         dist.barrier()
 
 
-def prepare_output_dir(cfg, rank):
-    """Fill in output_dir's {time} (one name for all ranks), find the checkpoint to resume
-    from, refuse to clobber an earlier run, and write config.yaml. Returns the checkpoint
-    path or None."""
-    stamp = [datetime.datetime.now().strftime("%Y%m%d-%H%M%S")]
-    dist.broadcast_object_list(stamp, src=0)  # start-up only; not on the hot path
-    cfg.output_dir = cfg.output_dir.replace("{time}", stamp[0])
-    resume = checkpoint.resolve(cfg.resume_from_checkpoint, cfg.output_dir)
-    if (os.path.exists(os.path.join(cfg.output_dir, "metrics.jsonl")) and not cfg.overwrite_output_dir
-            and resume is None):
-        raise config.ConfigError(
-            f"output_dir: {cfg.output_dir} already holds a run (metrics.jsonl) and no checkpoint to resume"
-            f"{' was found there' if cfg.resume_from_checkpoint == 'auto' else ''}; choose another "
-            "--output_dir, pass --overwrite_output_dir, or --resume_from_checkpoint auto|PATH")
-    dist.barrier()  # every rank has checked before rank 0 writes anything
-    if rank == 0:
-        import yaml
-
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        if cfg.overwrite_output_dir and resume is None:
-            open(os.path.join(cfg.output_dir, "metrics.jsonl"), "w").close()
-        with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
-            yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
-    logs.library_log_to(cfg.output_dir, rank)  # library output from here on (unless --verbose)
-    return resume
-
-
 # ----------------------------------------------------------------------------------------
 # The loop
 
@@ -344,7 +316,7 @@ def main(cfg):
     tp = cfg.student_infer.tensor_parallel_size
     config.check_lengths(cfg)
 
-    resume = prepare_output_dir(cfg, rank)  # the checkpoint to continue from, or None
+    resume = checkpoint.prepare_output_dir(cfg, rank)  # the checkpoint to continue from, or None
 
     # ---- data: prompts rendered per tag (rlvr), or environments to play (agentic)
     from transformers import AutoTokenizer
@@ -384,7 +356,7 @@ def main(cfg):
             if cfg.off_policy else "mixed (RL + OPD)" if cfg.use_opd else "pure OPD")
     run = (checkpoint.resume_run(resume, student, opt, sched, src, llm, DTYPES[si.dtype]) if resume
            else checkpoint.Progress())
-    logger = Logger(cfg.output_dir, rank == 0, resume_step=run.step if resume else None)
+    logger = Logger(cfg.output_dir, rank == 0, keep_through=run.step if resume else -1)
     banner(f"opd: {mode}{' (agentic)' if cfg.pure_opd_pipeline_type == 'agentic' else ''}, {world} rank(s) "
            f"on {device}, {src.what}, output in {cfg.output_dir}")
 
@@ -443,6 +415,8 @@ def main(cfg):
             rollout.wake_up(llm)
         if not skipped:
             rollout.sync_weights(llm, student, DTYPES[si.dtype])
+        else:  # as a sync would: the next step starts from an empty prefix cache, as after a resume
+            llm.reset_prefix_cache()
         t_sync = time.perf_counter() - t0
 
         # ---- 6. log, validate, checkpoint
@@ -464,7 +438,7 @@ def main(cfg):
             metrics.update(last)
         logger.log(step, metrics, examples)
         banner(progress_line(step, cfg.max_steps, metrics, g))
-        student_lib.check_skips(run, skipped, cfg.max_consecutive_skips, cfg.output_dir)
+        checkpoint.check_skips(run, skipped, cfg.max_consecutive_skips, cfg.output_dir)
         if step == cfg.max_steps or (cfg.save_steps and step % cfg.save_steps == 0):
             path = os.path.join(cfg.output_dir, "checkpoints", f"step_{step}")
             checkpoint.save_run(path, run, student, opt, sched, tokenizer, src, cfg.save_total_limit)
@@ -493,7 +467,7 @@ if __name__ == "__main__":
         toy_agentic.prepare_if_used(used)
         main(cfg)
     except (config.ConfigError, data.DataError, teachers_lib.TeacherError, agent.EnvError, checkpoint.ResumeError,
-            student_lib.TrainingError) as e:
+            checkpoint.TrainingError, loading.LoadError) as e:
         if int(os.environ.get("RANK", "0")) == 0:
             logs.error(e)
         sys.exit(2)

@@ -11,7 +11,6 @@ warm-up then constant or cosine learning rate.
 """
 
 import math
-import os
 
 import torch
 import torch.distributed as dist
@@ -43,7 +42,7 @@ def build_student(path, st, device, total_steps):
         layers = model.model.layers
         for i, block in enumerate(layers):
             fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(layers) - 1)
-        fully_shard(model, mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)  # the root: embeddings, final norm, head
 
     # fp32 master weights; each rank reads only its own shards from disk (loading.py)
     model = loading.build_sharded(path, dtype=torch.float32, shard=shard, device=device,
@@ -146,27 +145,6 @@ def skip_reasons(bad_teacher, loss, grad_norm):
     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     names = ["non-finite teacher log-prob", "non-finite loss", "non-finite grad norm"]
     return [n for n, bad in zip(names, [*flags.tolist(), not torch.isfinite(grad_norm)]) if bad]
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (the message says why and what is kept)."""
-
-
-def check_skips(run, skipped, max_consecutive_skips, output_dir):
-    """Say why a step was skipped; stop the run after `max_consecutive_skips` in a row
-    (`run`: checkpoint.Progress, already advanced past this step)."""
-    import checkpoint  # not at the top: checkpoint -> logs -> validation -> student
-    from logs import banner
-
-    if not skipped:
-        return
-    banner(f"step {run.step}: optimizer step skipped ({', '.join(skipped)}); weights unchanged, "
-           f"{run.consecutive_skips} in a row")
-    if max_consecutive_skips and run.consecutive_skips >= max_consecutive_skips:
-        last = checkpoint.find_latest(os.path.join(output_dir, "checkpoints"))
-        raise TrainingError(f"{run.consecutive_skips} steps in a row had non-finite numbers ({', '.join(skipped)}; "
-                            f"max_consecutive_skips={max_consecutive_skips}); stopping. The last good "
-                            f"checkpoint is {last or 'none (no checkpoint was saved)'}")
 
 
 def reduce_sums(sums, device):

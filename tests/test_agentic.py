@@ -147,3 +147,25 @@ def test_world_layout_and_expert_rows(world):
         assert sum(nmask) == 0 and len(nids) > 0             # random moves are played, not trained on
     text = tok.decode(clean[0][0])
     assert text.startswith("<|im_start|>user\nGuess my number from 1 to 20.") and "<|im_start|>assistant\n10" in text
+
+
+def test_resumed_agentic_run_continues_exactly(world, tmp_path):
+    """Resume from step 2 of a 4-step run: the env seed stream, every turn's sampler seeds and
+    the greedy validation episodes replay, so steps 3 and 4 equal the uninterrupted run's."""
+    import shutil
+
+    cfg = write_config(tmp_path, world, max_steps=4, save_steps=2)
+    r = run_cmd([PY, "opd.py", "--config", cfg])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    whole = metrics(tmp_path)
+    run = tmp_path / "run"
+    shutil.rmtree(run / "checkpoints" / "step_4")
+    (run / "checkpoints" / "latest").write_text("step_2\n")  # as if killed during step 3
+    r = run_cmd([PY, "opd.py", "--config", cfg, "--resume_from_checkpoint", "auto"])
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
+    again = metrics(tmp_path)
+    assert [m["step"] for m in again] == [0, 1, 2, 3, 4]
+    for a, b in zip(whole, again):
+        keys = [k for k in a if not k.startswith(("timing/", "throughput/tokens_per_s", "memory/"))]
+        assert {k: a[k] for k in keys} == {k: b[k] for k in keys}, a["step"]
+    assert again[4]["env/guess/turns"] > 0 and "val/success" in again[4]

@@ -77,7 +77,8 @@ def test_a_crash_shows_its_traceback_and_where_the_library_log_is(tmp_path):
     console = r.stdout + r.stderr
     log = (tmp_path / "logs" / "rank0.log").read_text()
     assert r.returncode == 1
-    assert r.stdout == "opd line 1\nopd line 2\n", console
+    assert r.stdout == f"opd line 1\nlibrary output: {tmp_path}/logs/rank<R>.log (--verbose shows it here)\n" \
+                       "opd line 2\n", console
     assert "RuntimeError: boom" in r.stderr and "chatter" not in console, console
     assert f"library output (warnings, vLLM, torch) is in {tmp_path}/logs/rank0.log" in r.stderr
     for line in ["native chatter", "python chatter", "lastresort chatter", "logger chatter", "bar chatter",

@@ -152,3 +152,16 @@ def test_non_finite_teacher_skips_steps_then_stops(tiny, tmp_path):
     start = load_file(os.path.join(tiny["student"], "model.safetensors"))
     assert set(saved) == set(start) and all(torch.equal(saved[k], start[k]) for k in start)
     assert latest(out) == "step_1"
+
+
+def test_auto_with_no_checkpoint_starts_fresh(tiny, tmp_path):
+    """A preemptible job relaunched with the same command after dying before its first save."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "train/loss": 9.0}\n{"step": 2, "train/lo')  # cut by a kill
+    r = run_cmd(opd_args(tiny, out, "--resume_from_checkpoint", "auto", "--max_steps", "1",
+                         "--validation.eval_steps", "0", launcher=(PY,)))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "no checkpoint to resume from; starting fresh" in r.stdout
+    assert [m["step"] for m in rows(out)] == [1] and rows(out)[0]["train/loss"] != 9.0
+    assert latest(out) == "step_1"
