@@ -158,6 +158,11 @@ def check_config(cfg, world):
         if len(cfg.teacher) != 1 or cfg.use_opd or (t.device_mapping and len(set(t.device_mapping)) < world):
             raise ConfigError("off_policy (SFT on teacher samples) needs exactly one teacher, on all "
                               f"ranks, and no use_opd; got teachers {list(cfg.teacher)}, use_opd={cfg.use_opd}")
+    if cfg.opd_kl_mode != "sampled":
+        if not cfg.teacher or cfg.off_policy:
+            raise ConfigError(f"opd_kl_mode={cfg.opd_kl_mode} needs a teacher to distill from (and not off_policy)")
+        if cfg.opd_kl_mode == "topk" and cfg.opd_kl_topk < 1:
+            raise ConfigError(f"opd_kl_topk must be >= 1, got {cfg.opd_kl_topk}")
     for name in cfg.domain_interleave_probs:
         if name not in cfg.rewards:
             raise ConfigError(f"domain_interleave_probs.{name}: no reward named '{name}' "

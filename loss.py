@@ -7,6 +7,9 @@ What this file owns (pure tensor functions, no distributed / vLLM / config code)
 * ``opd_advantages`` -- turns teacher log-probs into a per-token advantage:
                         ``rl_adv - sum_i coef_i * routed_i * KL_i``.  A sample
                         only pays the KL of the teachers that actually scored it.
+* ``reverse_kl_full`` / ``reverse_kl_topk`` -- KL(student || teacher) per position
+                        from whole distributions: the full vocabulary, or the
+                        teacher's top-k plus a rest-of-vocabulary bucket.
 * ``rl_advantages``  -- sequence-level RL advantages from external rewards
                         (``reinforce``, ``grpo``) for mixed mode and plain RL.
 * ``policy_loss``    -- PPO-style clipped surrogate with token- or
@@ -14,14 +17,17 @@ What this file owns (pure tensor functions, no distributed / vLLM / config code)
                         (sampler) policy, plus the usual aggregation modes.
 * ``sft_loss``       -- negative log-likelihood of given tokens: the off-policy
                         distillation baseline (SFT on the teacher's samples).
+* ``kl_loss``        -- such a per-token KL as a loss term, aggregated like
+                        ``policy_loss``.
 * ``agg_denom``      -- the divisor ``policy_loss`` uses, so a caller that
                         splits a batch over micro-batches / ranks can all-reduce
                         it and reproduce the global aggregation exactly.
 
 Simplifications compared with production trainers:
 
-* The KL is estimated only on the sampled token (no full-vocabulary KL) and it
-  enters as a reward/advantage, not as a differentiable loss term.
+* By default (``opd_kl_mode: sampled``) the KL is estimated on the sampled token
+  and enters as an advantage; ``reverse_kl_topk`` / ``reverse_kl_full`` with
+  ``kl_loss`` make it a differentiable loss term over whole distributions.
 * No value function, no GAE, no dual-clip, no entropy bonus, no KL-to-reference
   penalty in the loss.  ``clip=None`` is plain importance sampling.
 * Every tensor is ``[B, T]`` over response tokens; ``mask`` marks real tokens.
@@ -104,6 +110,41 @@ def opd_advantages(student_logp, teacher_logps, coefs, routed, mask, rl_adv=None
 # --------------------------------------------------------------------------- #
 # Policy-gradient loss
 # --------------------------------------------------------------------------- #
+
+
+def reverse_kl_full(student_logp, teacher_logp):
+    """KL(student || teacher) per position over the whole vocabulary: [B, T, V] x2 -> [B, T].
+
+    ``sum_v q_v (log q_v - log p_v)`` with q = exp(student_logp), p = exp(teacher_logp),
+    both log-probabilities normalised over V. Gradients flow into ``student_logp`` only;
+    through a log-softmax the gradient per logit is ``q * (log q - log p - KL)``."""
+    teacher_logp = teacher_logp.detach()
+    return (student_logp.exp() * (student_logp - teacher_logp)).sum(-1)
+
+
+def reverse_kl_topk(student_logp, teacher_topk_logp, teacher_topk_ids):
+    """KL(student || teacher) on the partition {the teacher's top-k ids} + {the rest}: [B, T].
+
+    ``student_logp`` [B, T, V]; the teacher's top-k log-probs (normalised over the full
+    vocabulary, not over the k) and their ids, [B, T, k]. The rest of the vocabulary is
+    one bucket with q_rest = 1 - sum q_k and p_rest = 1 - sum p_k, which keeps this a
+    proper divergence: always >= 0, at most the full KL (a coarser partition never
+    increases a KL), and equal to it when k = V (the bucket is then empty). Renormalising
+    over the k ids instead (a conditional KL) would ignore how much mass the student puts
+    elsewhere. Gradients flow into ``student_logp`` only."""
+    s_k = student_logp.gather(-1, teacher_topk_ids)
+    t_k = teacher_topk_logp.detach()
+    head = (s_k.exp() * (s_k - t_k)).sum(-1)
+    log_q_rest, log_p_rest = _log1mexp(s_k.logsumexp(-1)), _log1mexp(t_k.logsumexp(-1))
+    return head + log_q_rest.exp() * (log_q_rest - log_p_rest)
+
+
+def _log1mexp(x):
+    """log(1 - exp(x)) for x <= 0, accurate at both ends. x is first capped just below 0:
+    when the k ids hold all the mass (up to rounding) the bucket's term is ~eps * log eps
+    instead of 0 * log 0 (nan in backward)."""
+    x = x.clamp(max=-torch.finfo(x.dtype).eps)
+    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
 def rl_advantages(rewards, group, kind="grpo", eps=1e-6):
@@ -244,3 +285,18 @@ def sft_loss(logp, mask, agg="token-mean", denom=None):
     valid = mask.bool()
     per_token = torch.where(valid, -logp, torch.zeros_like(logp))
     return _aggregate(per_token, valid, agg, denom)
+
+
+def kl_loss(kl, mask, agg="token-mean", denom=None):
+    """A per-token KL ``[B, T]`` (with grad; e.g. ``reverse_kl_topk`` weighted by each routed
+    teacher's coefficient) aggregated like ``policy_loss``, same ``denom`` contract.
+
+    It is a loss term, not an advantage: its gradient is the exact gradient of the KL at
+    every visited position. Those positions were sampled by the behaviour policy (vLLM),
+    and the term carries no importance ratio: with one optimizer step per rollout batch
+    the sampler is the current policy up to the sync's numerics, as in GKD-style
+    on-policy distillation."""
+    if agg not in AGGS:
+        raise ValueError(f"unknown agg {agg!r}; valid aggs: {', '.join(AGGS)}")
+    valid = mask.bool()
+    return _aggregate(torch.where(valid, kl, torch.zeros_like(kl)), valid, agg, denom)

@@ -204,7 +204,13 @@ class Config:
     """Most tokens sampled per response. Agentic: the room after the first observation for
     all of an episode's actions and observations."""
     kl_estimator: Literal["k1", "k2", "k3", "abs"] = "k1"
-    """Per-token reverse-KL estimator that becomes the (negative) advantage."""
+    """Per-token reverse-KL estimator that becomes the (negative) advantage (opd_kl_mode sampled)."""
+    opd_kl_mode: Literal["sampled", "topk", "full"] = "sampled"
+    """sampled: the KL of the sampled token as the advantage (k1, as in the seed); topk: the
+    KL of the student's whole distribution to the teacher's top-k (+ a rest bucket) as a
+    loss term at every response position; full: the same over the whole vocabulary."""
+    opd_kl_topk: int = 64
+    """k of opd_kl_mode topk: teacher log-probs per position moved to the student."""
     rewards: dict[str, RewardConfig] = field(default_factory=lambda: {"math": RewardConfig()})
     """External rewards, name -> {type, tag_included}; a sample gets the sum of those
     whose tags include its tag. Pure OPD logs them only (reward/<tag>/mean). Not used in
@@ -335,7 +341,7 @@ def main(cfg):
             world, si.dtype, si.kv_cache_gib, si.gpu_memory_utilization, device):
         banner(line)
     for name, tc in cfg.teacher.items():
-        teachers_lib.check_vocab(cfg.pretrain, tc.model_name_or_path, name)
+        teachers_lib.check_vocab(cfg.pretrain, tc.model_name_or_path, name, same_logits=cfg.opd_kl_mode != "sampled")
         if tc.tag_included and not set(tc.tag_included) & set(all_tags):
             banner(f"warning: teacher '{name}' routes no sample: none of its tags {tc.tag_included} "
                    f"is in the data ({all_tags})")
@@ -351,6 +357,8 @@ def main(cfg):
         tag_included=tc.tag_included, micro_batch_size=tc.micro_batch_size)
         for name, tc in cfg.teacher.items()]
     tag_ids = {tag: i for i, tag in enumerate(all_tags)}
+    vocab = student.get_output_embeddings().weight.shape[0]  # full mode: the teacher's top-V = all of it
+    topk = {"sampled": 0, "topk": min(cfg.opd_kl_topk, vocab), "full": vocab}[cfg.opd_kl_mode]
     scorers = [] if cfg.off_policy else teachers  # off-policy: the samples are the teacher's own
     mode = ("plain RL" if not teachers else "off-policy distillation (SFT on teacher samples)"
             if cfg.off_policy else "mixed (RL + OPD)" if cfg.use_opd else "pure OPD")
@@ -399,14 +407,15 @@ def main(cfg):
 
         # ---- 3. teacher scoring of every sampled token
         t0 = time.perf_counter()
-        teacher_logps, routed, t_each = teachers_lib.score(scorers, batch, tag_ids)
+        teacher_logps, routed, t_each, top = teachers_lib.score(scorers, batch, tag_ids, topk=topk)
         t_teacher = time.perf_counter() - t0
 
         # ---- 4. advantage, loss, FSDP2 backward and optimizer step (skipped on bad numbers)
         t0 = time.perf_counter()
         sums, skipped = student_lib.train_step(student, opt, sched, batch, teacher_logps, routed, scorers,
                                       st=cfg.student_train, temperature=si.temperature,
-                                      kl_estimator=cfg.kl_estimator, rl_adv=rl_adv, sft=cfg.off_policy)
+                                      kl_estimator=cfg.kl_estimator, rl_adv=rl_adv, sft=cfg.off_policy,
+                                      teacher_topk=top, kl_mode=cfg.opd_kl_mode)
         t_train = time.perf_counter() - t0
 
         # ---- 5. weight sync into the local vLLM engine (unless the weights did not change)
@@ -432,6 +441,8 @@ def main(cfg):
         metrics = step_metrics(g, timing, t_each, scorers, all_tags, sched.get_last_lr()[0], device)
         metrics.update({"throughput/tokens_total": run.tokens_total, "train/skipped_steps": run.skipped_steps,
                         **src.metrics(g)})
+        if "kl_dist" in g:  # the distribution-level KL the loss used: train/kl_topk | train/kl_full
+            metrics[f"train/kl_{cfg.opd_kl_mode}"] = g["kl_dist"] / g["tokens"]
         examples = []
         if has_val and (step % cfg.validation.eval_steps == 0 or step == cfg.max_steps):
             last, examples = validate(step)

@@ -24,6 +24,7 @@ process and external_launcher requires it anyway.
 """
 
 import contextlib
+import functools
 import hashlib
 import logging
 import math
@@ -344,7 +345,7 @@ LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logits_soft_cap", "logits_sc
                         "logit_scale", "output_multiplier")
 
 
-def response_logp(model, batch, temperature=1.0, chunked=True):
+def response_logp(model, batch, temperature=1.0, chunked=True, topk=0, kl_to=None):
     """Log-probability under `model` of every response token of `batch`: [B, R].
 
     The same function scores the student (with grad, at the sampling temperature) and the
@@ -352,18 +353,30 @@ def response_logp(model, batch, temperature=1.0, chunked=True):
     Only the last R+1 positions go through the LM head (prompts can be long), a chunk of
     positions at a time, so the full [B, R, V] fp32 logits never exist at once (under grad
     each chunk's logits are recomputed in backward). `chunked=False` is the plain path
-    (for models that post-process their logits, and for comparison)."""
+    (for models that post-process their logits, and for comparison).
+
+    Distribution-level KL (opd_kl_mode topk | full) asks for more per position, chunk by
+    chunk: `topk` > 0 (teachers) adds the model's top-k log-probs, normalised over the
+    whole vocabulary, and their ids: returns (logp, topk_logp [B, R, k], topk_ids [B, R, k]).
+    `kl_to` (the student) is a function (log-probs [b, t, V] of a chunk, its slice of the R
+    positions) -> [b, t, n] KL terms: returns (logp, kl [B, R, n])."""
     targets = batch.input_ids[:, batch.prompt_len:]
+    R = targets.shape[1]
+    score = functools.partial(_scores, targets=targets, temperature=temperature, topk=topk, kl_to=kl_to)
     if not chunked or not _can_chunk(model):
-        return _token_logp(_forward(model, batch, targets.shape[1] + 1).logits[:, :-1], targets,
-                           temperature)
-    with _head_returns_logp(model, targets, temperature) as seen:
-        logp = _forward(model, batch, targets.shape[1] + 1).logits
-    if seen["calls"] != 1 or logp is not seen["out"]:
-        raise RuntimeError(
-            f"{type(model).__name__}'s forward does not return its output head's result as is "
-            "(post-processed logits?): add its config key to rollout.LOGIT_POSTPROCESSING")
-    return logp
+        packed = score(_forward(model, batch, R + 1).logits[:, :-1], slice(0, R))
+    else:
+        with _head_returns_scores(model, score) as seen:
+            packed = _forward(model, batch, R + 1).logits
+        if seen["calls"] != 1 or packed is not seen["out"]:
+            raise RuntimeError(
+                f"{type(model).__name__}'s forward does not return its output head's result as is "
+                "(post-processed logits?): add its config key to rollout.LOGIT_POSTPROCESSING")
+    if not topk and kl_to is None:
+        return packed[..., 0]
+    if topk:  # ids travel as floats in the packed tensor: exact below 2**24
+        return packed[..., 0], packed[..., 1:1 + topk], packed[..., 1 + topk:].long()
+    return packed[..., 0], packed[..., 1:]
 
 
 def _forward(model, batch, keep):
@@ -372,11 +385,22 @@ def _forward(model, batch, keep):
                  position_ids=batch.position_ids, logits_to_keep=keep, use_cache=False)
 
 
-def _token_logp(logits, targets, temperature):
-    """log softmax(logits / temperature) at `targets`, in fp32: [..., V], [...] -> [...]."""
-    logits = logits.float() / temperature
-    # logsumexp + gather instead of a full log_softmax: one [..., V] buffer fewer
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+def _scores(logits, sl, *, targets, temperature, topk, kl_to):
+    """What response_logp returns for the positions `sl`, packed in one fp32 tensor
+    [b, t, 1 (+ 2k) (+ n)]: one tensor, so the swapped head returns what the model's forward
+    expects and FSDP2's hooks see a plain output."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # fp32 or wider
+    lse = logits.logsumexp(-1, keepdim=True)
+    # logsumexp + gather instead of a full log_softmax: one [..., V] buffer fewer (sampled mode)
+    parts = [logits.gather(-1, targets[:, sl].unsqueeze(-1)) - lse]
+    if topk or kl_to is not None:
+        logp = logits - lse
+        if topk:
+            values, ids = logp.topk(topk, -1)
+            parts += [values, ids.float()]
+        if kl_to is not None:
+            parts.append(kl_to(logp, sl))
+    return torch.cat(parts, -1)
 
 
 def _can_chunk(model):
@@ -389,9 +413,10 @@ def _can_chunk(model):
 
 
 @contextlib.contextmanager
-def _head_returns_logp(model, targets, temperature):
+def _head_returns_scores(model, score):
     """Within it, the model's output head, called on the hidden states of the last R+1
-    positions, returns the log-probs [B, R] of `targets` instead of the logits.
+    positions, returns `score(logits, positions)` of the first R (see _scores) instead of
+    the logits, a chunk of positions at a time.
 
     Why swap the head instead of running `model.model(...)` and applying the head after
     it: the head must run inside the root module's forward. FSDP2 gathers the root's
@@ -409,7 +434,7 @@ def _head_returns_logp(model, targets, temperature):
     def forward(hidden):
         seen["calls"] += 1
         # position j predicts token j+1: the last kept position predicts past the end
-        seen["out"] = _chunked_logp(plain, head.weight.shape[0], hidden[:, :-1], targets, temperature)
+        seen["out"] = _chunked(plain, head.weight.shape[0], hidden[:, :-1], score)
         return seen["out"]
 
     head.forward = forward  # an instance attribute shadows the class's forward
@@ -422,23 +447,23 @@ def _head_returns_logp(model, targets, temperature):
             head.forward = saved
 
 
-def _chunked_logp(head, vocab, hidden, targets, temperature):
-    """_token_logp(head(hidden)) a few positions at a time: [B, T, H], [B, T] -> [B, T]."""
-    B, T = targets.shape
+def _chunked(head, vocab, hidden, score):
+    """score(head(hidden[:, sl]), sl) over chunks `sl` of the positions, concatenated."""
+    B, T = hidden.shape[:2]
     step = max(1, LOGP_CHUNK_ELEMENTS // max(1, B * vocab))
     if step >= T:  # one chunk (toy vocabularies): the plain computation, nothing recomputed
-        return _head_logp(head, hidden, targets, temperature)
+        return _head_scores(head, hidden, slice(0, T), score)
     # Under grad, each chunk is checkpointed: its logits are freed after the forward and
     # recomputed from its hidden states in backward, one chunk at a time. Non-reentrant:
     # works with FSDP2's hooks. The recompute reads the head's weight in backward, when
     # FSDP2 has it gathered (torch 2.13: the root never reshards after forward, and its
     # pre-backward hook on our output would gather it first). No RNG here to preserve.
-    score = _head_logp
+    run = _head_scores
     if torch.is_grad_enabled():
-        score = lambda *a: checkpoint(_head_logp, *a, use_reentrant=False, preserve_rng_state=False)
-    parts = [score(head, h, t, temperature) for h, t in zip(hidden.split(step, 1), targets.split(step, 1))]
+        run = lambda *a: checkpoint(_head_scores, *a, use_reentrant=False, preserve_rng_state=False)
+    parts = [run(head, hidden[:, a:a + step], slice(a, min(a + step, T)), score) for a in range(0, T, step)]
     return torch.cat(parts, 1)  # a new tensor, not a view (FSDP2 warns on view outputs)
 
 
-def _head_logp(head, hidden, targets, temperature):
-    return _token_logp(head(hidden), targets, temperature)
+def _head_scores(head, hidden, sl, score):
+    return score(head(hidden), sl)

@@ -17,7 +17,8 @@ import torch.distributed as dist
 
 import loading
 import rollout
-from loss import agg_denom, opd_advantages, policy_loss, sft_loss
+from loss import (agg_denom, kl_loss, opd_advantages, policy_loss, reverse_kl_full, reverse_kl_topk,
+                  sft_loss)
 
 
 def build_student(path, st, device, total_steps):
@@ -71,7 +72,7 @@ def lr_factor(step, st, total_steps):
 
 
 def train_step(student, opt, sched, batch, teacher_logps, routed, teachers, *, st, temperature=1.0,
-               kl_estimator="k1", rl_adv=None, sft=False):
+               kl_estimator="k1", rl_adv=None, sft=False, teacher_topk=None, kl_mode="sampled"):
     """Advantage + IS policy loss over micro-batches, then one FSDP2 optimizer step.
 
     The student's logp is computed once, with grad; its detached value is the pi_old of
@@ -83,6 +84,12 @@ def train_step(student, opt, sched, batch, teacher_logps, routed, teachers, *, s
     `rl_adv` [B] (mixed mode, plain RL) is the sequence-level advantage from external
     rewards; the teachers' weighted KL is subtracted from it. `sft` (the off-policy
     baseline: the batch was written by the teacher) trains by plain NLL instead.
+
+    `kl_mode` topk | full (`teacher_topk`: name -> the teacher's top-k log-probs and ids,
+    teachers.score): the KL is not in the advantage but a loss term, each routed teacher's
+    coef x the KL of the student's whole distribution (at the sampling temperature) to the
+    teacher's top-k plus a rest bucket (topk) or to all of it (full, k = V), at every
+    response position (loss.kl_loss); rl_adv, if any, still drives the policy-gradient term.
 
     Bad numbers: if any rank saw a non-finite teacher log-prob or loss, or the gradient
     norm is non-finite, every rank skips the optimizer step (gradients dropped, weights,
@@ -106,16 +113,25 @@ def train_step(student, opt, sched, batch, teacher_logps, routed, teachers, *, s
         mb_tl = {n: v[idx] for n, v in teacher_logps.items()}
         mb_routed = {n: v[idx] for n, v in routed.items()}
         mask = mb.response_mask
-        logp = rollout.response_logp(student, mb, temperature)
         mb_rl = None if rl_adv is None else rl_adv[idx][:, None]
-        adv = opd_advantages(logp.detach(), mb_tl, coefs, mb_routed, mask, rl_adv=mb_rl,
-                             kind=kl_estimator)
+        if teacher_topk:  # the KL is a loss term, computed inside the chunked head
+            top = {n: (v[idx], i[idx]) for n, (v, i) in teacher_topk.items()}
+            logp, kl = rollout.response_logp(student, mb, temperature,
+                                             kl_to=_kl_to(teachers, top, mb_routed, kl_mode))
+            adv = torch.zeros_like(logp) if mb_rl is None else mb_rl.expand_as(logp).float()
+        else:
+            logp = rollout.response_logp(student, mb, temperature)
+            adv = opd_advantages(logp.detach(), mb_tl, coefs, mb_routed, mask, rl_adv=mb_rl,
+                                 kind=kl_estimator)
         if sft:
             loss = sft_loss(logp, mask, agg=st.loss_agg_mode, denom=denom / world)
             m = {"is_ratio_mean": torch.ones(()), "clip_frac": torch.zeros(())}
         else:
             loss, m = policy_loss(logp, mb.rollout_logp, adv, mask, clip=st.clip, level=st.is_level,
                                   agg=st.loss_agg_mode, denom=denom / world)
+        if teacher_topk and not sft:
+            loss = loss + kl_loss(kl.sum(-1), mask, agg=st.loss_agg_mode, denom=denom / world)
+            add("kl_dist", (kl.sum(-1) * mask).sum())
         loss.backward()
         n_tok = mask.sum()
         add("loss", loss / world)
@@ -136,6 +152,22 @@ def train_step(student, opt, sched, batch, teacher_logps, routed, teachers, *, s
     opt.zero_grad(set_to_none=True)
     add("grad_norm", grad_norm / world)  # the same on every rank: the sum over ranks / world
     return sums, why
+
+
+def _kl_to(teachers, top, routed, mode):
+    """For rollout.response_logp: (the student's log-probs [b, t, V] of a chunk of positions,
+    their slice) -> [b, t, n teachers], each routed teacher's coef x its KL (loss.py)."""
+    def kl_to(student_logp, sl):
+        terms = []
+        for t in teachers:
+            values, ids = top[t.name][0][:, sl], top[t.name][1][:, sl]
+            if mode == "full":  # k = V: the teacher's whole distribution, put back in vocabulary order
+                kl = reverse_kl_full(student_logp, torch.zeros_like(student_logp).scatter(-1, ids, values))
+            else:
+                kl = reverse_kl_topk(student_logp, values, ids)
+            terms.append(t.coef * routed[t.name][:, None] * kl)
+        return torch.stack(terms, -1)
+    return kl_to
 
 
 def skip_reasons(bad_teacher, loss, grad_norm):

@@ -51,7 +51,7 @@ class Teacher:
         return self.ranks is None or len(self.ranks) == dist.get_world_size()
 
 
-def check_vocab(student_path, teacher_path, name):
+def check_vocab(student_path, teacher_path, name, same_logits=False):
     """Refuse a teacher whose token ids mean something else than the student's.
 
     OPD compares the two models' logprobs of the *same token ids*; a different tokenizer
@@ -72,6 +72,10 @@ def check_vocab(student_path, teacher_path, name):
                 f"{len(t_vocab)} vs {len(s_vocab)} tokens, e.g. {diff}. OPD needs the teacher and "
                 "student to share a tokenizer.")
     t_size = AutoConfig.from_pretrained(teacher_path).vocab_size
+    s_size = AutoConfig.from_pretrained(student_path).vocab_size
+    if same_logits and t_size != s_size:  # a distribution-level KL compares logit by logit
+        raise TeacherError(f"teacher '{name}' ({teacher_path}) has {t_size} output logits and the student "
+                           f"{s_size}: opd_kl_mode topk | full needs the same number")
     if t_size < len(s_tok):
         raise TeacherError(
             f"teacher '{name}' ({teacher_path}) has {t_size} output logits but the student's "
@@ -106,54 +110,61 @@ def load_teacher(name, path, *, device, dtype, ranks=None, attn_implementation="
 
 
 @torch.no_grad()  # not inference_mode: FSDP2 on a 1-rank mesh fails under it
-def score(teachers, batch, tag_ids):
+def score(teachers, batch, tag_ids, topk=0):
     """Score `batch` (this rank's Rollout, on the model's device) with every teacher.
 
-    Returns (teacher_logps, routed, seconds): dicts name -> [B, R] logprobs (0 where not
-    routed), name -> bool [B], and name -> this rank's forward time (0 if it does not
-    hold the teacher). A teacher on all ranks scores each rank's own samples in place.
+    Returns (teacher_logps, routed, seconds, teacher_topk): dicts name -> [B, R] logprobs
+    (0 where not routed), name -> bool [B], name -> this rank's forward time (0 if it does
+    not hold the teacher), and with `topk` > 0 name -> (the teacher's top-k log-probs
+    [B, R, k], their ids [B, R, k]) for a distribution-level KL (else {}). A teacher on all ranks scores each rank's own samples in place.
     A teacher on a subset of ranks needs the samples moved: every rank's batch is
     all-gathered once (tensors only; tags travel as ids from `tag_ids`), each member of
     the teacher's group scores its share of the routed samples, and a sum all-reduce
     hands every owner its rows back. Teachers on disjoint groups thus run at the same
     time; a rank holding several runs them in turn."""
     everyone, moved = None, {}
-    teacher_logps, routed, seconds = {}, {}, {}
+    packed, routed, seconds = {}, {}, {}  # per teacher [B, R, 1 + 2k]: logp (+ top-k values, ids)
+    width = lambda b: (*b.rollout_logp.shape, 1 + 2 * topk)
     for t in teachers:  # 1. each rank runs the teachers it holds, in config order
         routed[t.name] = t.routes(batch.tags).to(batch.input_ids.device)
         t0 = time.perf_counter()
         if t.everywhere:
-            teacher_logps[t.name] = torch.zeros_like(batch.rollout_logp)
-            _forward_rows(t, batch, routed[t.name].nonzero().squeeze(-1), teacher_logps[t.name])
+            packed[t.name] = batch.rollout_logp.new_zeros(width(batch))
+            _forward_rows(t, batch, routed[t.name].nonzero().squeeze(-1), packed[t.name], topk)
         else:
             everyone = everyone or _all_gather_batch(batch, tag_ids)
             all_batch, all_tags = everyone
-            moved[t.name] = torch.zeros_like(all_batch.rollout_logp)
+            moved[t.name] = all_batch.rollout_logp.new_zeros(width(all_batch))
             if t.model is not None:
                 idx = t.routes(all_tags).to(batch.input_ids.device).nonzero().squeeze(-1)
                 share = idx.tensor_split(len(t.ranks))[t.ranks.index(dist.get_rank())]
-                _forward_rows(t, all_batch, share, moved[t.name])
+                _forward_rows(t, all_batch, share, moved[t.name], topk)
         seconds[t.name] = time.perf_counter() - t0 if t.model is not None else 0.0
     if moved:  # 2. one sum all-reduce (non-members add zeros) returns every owner its rows;
         # only now do ranks wait on each other, so disjoint groups ran at the same time
-        results = torch.stack(list(moved.values()))
+        results = torch.stack(list(moved.values()))  # top-k: [N, k] values + ids, not logits
         dist.all_reduce(results)
         B, R = batch.rollout_logp.shape
         for name, out in zip(moved, results):
-            teacher_logps[name] = out[dist.get_rank() * B:(dist.get_rank() + 1) * B, :R]
-    return {t.name: teacher_logps[t.name] * routed[t.name][:, None] for t in teachers}, routed, seconds
+            packed[name] = out[dist.get_rank() * B:(dist.get_rank() + 1) * B, :R]
+    logps = {t.name: packed[t.name][..., 0] * routed[t.name][:, None] for t in teachers}
+    top = {t.name: (packed[t.name][..., 1:1 + topk], packed[t.name][..., 1 + topk:].long())
+           for t in teachers} if topk else {}
+    return logps, routed, seconds, top
 
 
-def _forward_rows(t, batch, idx, out):
-    """out[idx] = the teacher's logprobs of those rows, in micro-batches; every rank of the
-    teacher's group runs the same number of forwards (FSDP2 gathers are collectives),
-    padding with a dummy one-token forward where a rank has fewer."""
+def _forward_rows(t, batch, idx, out, topk=0):
+    """out[idx] = the teacher's logprobs of those rows (and top-k log-probs and ids, packed
+    as in `score`), in micro-batches; every rank of the teacher's group runs the same number
+    of forwards (FSDP2 gathers are collectives), padding with a dummy one-token forward
+    where a rank has fewer."""
     n_micro = torch.tensor(math.ceil(len(idx) / t.micro_batch_size), device=out.device)
     dist.all_reduce(n_micro, op=dist.ReduceOp.MAX, group=t.group)
     for i in range(int(n_micro)):
         mb_idx = idx[i * t.micro_batch_size:(i + 1) * t.micro_batch_size]
         if len(mb_idx):
-            out[mb_idx] = response_logp(t.model, batch.select(mb_idx))
+            got = response_logp(t.model, batch.select(mb_idx), topk=topk)
+            out[mb_idx] = torch.cat([got[0][..., None], got[1], got[2].float()], -1) if topk else got[..., None]
         else:
             t.model(input_ids=batch.input_ids[:1, :1])
 

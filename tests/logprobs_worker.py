@@ -67,13 +67,13 @@ def one_step(path, st, device, batch, chunked):
 def count_chunks(path, st, device, batch):
     student, _, _ = student_lib.build_student(path, st, device, 10)
     calls = []
-    plain = rollout._head_logp
-    rollout._head_logp = lambda *a: calls.append(1) or plain(*a)
+    plain = rollout._head_scores
+    rollout._head_scores = lambda *a: calls.append(1) or plain(*a)
     try:
         with torch.no_grad():
             rollout.response_logp(student, batch)
     finally:
-        rollout._head_logp = plain
+        rollout._head_scores = plain
     return len(calls)
 
 

@@ -58,19 +58,24 @@ if __name__ == "__main__":
     batch = fake_batch(rank, 290)
     tag_ids = {t: i for i, t in enumerate(sorted(TAGS))}
     half = list(range(world // 2)), list(range(world // 2, world))
-    scores, routed = {}, {}
+    scores, routed, tops = {}, {}, {}
     for placement, (ranks_a, ranks_b) in {"disjoint": half, "overlapping": ([], [])}.items():
         ts = [T.load_teacher("math", math_path, device=device, dtype=torch.float32, ranks=ranks_a,
                              tag_included=["add", "sub"], micro_batch_size=2),
               T.load_teacher("general", general_path, device=device, dtype=torch.float32, ranks=ranks_b,
                              micro_batch_size=3)]
         held = [t.name for t in ts if t.model is not None]
-        scores[placement], routed[placement], _ = T.score(ts, batch, tag_ids)
+        scores[placement], routed[placement], _, tops[placement] = T.score(ts, batch, tag_ids, topk=4)
         if placement == "disjoint":
             assert held == (["math"] if rank in ranks_a else ["general"]), held  # never loads the other
             greedy_ok = greedy_matches_hf(ts, rank, device, {"math": math_path, "general": general_path})
     diff = torch.stack([(scores["disjoint"][n] - scores["overlapping"][n]).abs().max() for n in ("math", "general")])
     dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    # the top-k (values and ids) moved between groups equals the top-k computed in place
+    top_diff = torch.stack([(tops["disjoint"][n][0] - tops["overlapping"][n][0]).abs().max()
+                            + (tops["disjoint"][n][1] != tops["overlapping"][n][1]).sum() for n in ("math", "general")])
+    dist.all_reduce(top_diff, op=dist.ReduceOp.MAX)
+    top_ok = torch.tensor(int(tops["overlapping"]["general"][1].shape[-1] == 4))
     # the moved copies of this rank's samples carry exactly its token ids
     everyone, _ = T._all_gather_batch(batch, tag_ids)
     B, P, R = len(batch), batch.prompt_len, batch.response_mask.shape[1]
@@ -88,6 +93,7 @@ if __name__ == "__main__":
         with open(out, "w") as f:
             json.dump({"max_diff_math": diff[0].item(), "max_diff_general": diff[1].item(),
                        "same_ids": bool(same), "routing_ok": bool(ok_routing),
-                       "greedy_matches_hf": bool(greedy_ok)}, f)
+                       "greedy_matches_hf": bool(greedy_ok), "max_diff_topk": top_diff.max().item(),
+                       "topk_shape_ok": bool(top_ok)}, f)
     dist.barrier()  # rank 0 may still be writing: a peer tearing down early makes gloo abort
     dist.destroy_process_group()

@@ -157,3 +157,10 @@ def test_teacher_on_ranks_outside_the_world(tiny, tmp_path):
     err = opd_error(tiny, yaml_text="teacher:\n  t: {model_name_or_path: /x, device_mapping: [0, 3]}\n",
                     tmp_path=tmp_path, teacher="from-yaml")
     assert "teacher.t.device_mapping: [0, 3] has ranks outside the world of 1" in err
+
+
+def test_distribution_kl_mode_needs_a_teacher(tiny, tmp_path):
+    err = opd_error(tiny, "--opd_kl_mode", "topk", tmp_path=tmp_path, teacher="")
+    assert "opd_kl_mode=topk needs a teacher to distill from" in err
+    err = opd_error(tiny, "--opd_kl_mode", "topk", "--opd_kl_topk", "0", tmp_path=tmp_path)
+    assert "opd_kl_topk must be >= 1, got 0" in err

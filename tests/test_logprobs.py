@@ -46,13 +46,13 @@ def value_and_grads(model, b, chunked=True):
 def count_chunks(monkeypatch):
     """Records the number of logit rows of every chunk the head computes."""
     rows = []
-    plain = rollout._head_logp
+    plain = rollout._head_scores
 
-    def spy(head, hidden, targets, temperature):
+    def spy(head, hidden, sl, score):
         rows.append(hidden.shape[0] * hidden.shape[1])
-        return plain(head, hidden, targets, temperature)
+        return plain(head, hidden, sl, score)
 
-    monkeypatch.setattr(rollout, "_head_logp", spy)
+    monkeypatch.setattr(rollout, "_head_scores", spy)
     return rows
 
 
@@ -100,8 +100,10 @@ def test_matches_log_softmax_of_the_full_logits(monkeypatch):
     ref = torch.log_softmax(logits[:, P - 1:P + R - 1] / TEMPERATURE, -1)
     ref = ref.gather(-1, b.input_ids[:, P:, None])[..., 0]
     mask = b.response_mask.bool()
-    assert got.dtype == torch.float32  # always scored in fp32, as the sampler's logprobs
-    assert torch.allclose(got[mask].double(), ref[mask], rtol=0, atol=1e-6)
+    assert got.dtype == torch.float64  # scored in fp32 or wider: bf16/fp32 models in fp32, this one in fp64
+    assert torch.allclose(got[mask], ref[mask], rtol=0, atol=1e-12)
+    with torch.no_grad():
+        assert rollout.response_logp(model.float(), b, TEMPERATURE).dtype == torch.float32
 
 
 def test_head_is_put_back_even_when_the_forward_fails(monkeypatch):
@@ -169,3 +171,37 @@ def test_fsdp2_step_gradients_do_not_depend_on_chunking(tmp_path):
     assert d["logp_diff"] < 1e-5 and d["grad_diff"] < 1e-5 * d["grad_max"], d
     for key in ("loss", "grad_norm", "kl"):
         assert d["sums"][key] == pytest.approx(d["ref_sums"][key], rel=1e-5), key
+
+
+@pytest.mark.parametrize("positions", [1, 3, 100])
+def test_topk_and_distribution_kl_do_not_depend_on_chunk_size(monkeypatch, positions):
+    """The teacher's top-k (values, ids) and the student's KL to it (values and gradients)
+    are the same at any chunk size (issue 12)."""
+    import loss
+
+    teacher, student, b = qwen3(seed=1), qwen3(seed=2), batch()
+
+    def run():
+        with torch.no_grad():
+            t_logp, vals, ids = rollout.response_logp(teacher, b, topk=5)
+        student.zero_grad(set_to_none=True)
+        kl_to = lambda s, sl: torch.stack([loss.reverse_kl_topk(s, vals[:, sl], ids[:, sl]),
+                                           loss.reverse_kl_full(s, full_t[:, sl])], -1)
+        logp, kl = rollout.response_logp(student, b, TEMPERATURE, kl_to=kl_to)
+        (kl * b.response_mask[..., None]).sum().backward()
+        return t_logp, vals, ids, logp.detach(), kl.detach(), {n: p.grad.clone() for n, p in student.named_parameters()}
+
+    with torch.no_grad():  # the teacher's whole distribution, unchunked, for the full KL and a check
+        logits = teacher(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids).logits
+        full_t = logits[:, b.prompt_len - 1:-1].log_softmax(-1)
+    ref = run()
+    monkeypatch.setattr(rollout, "LOGP_CHUNK_ELEMENTS", positions * len(b) * V)
+    got = run()
+    assert torch.equal(got[2], ref[2])  # ids
+    for a, r in zip(got[:2] + got[3:5], ref[:2] + ref[3:5]):
+        assert torch.allclose(a, r, rtol=0, atol=1e-12)
+    for n, g in ref[5].items():
+        assert torch.allclose(got[5][n], g, rtol=1e-10, atol=1e-12), n
+    top, top_ids = full_t.topk(5, -1)  # the top-k is the full distribution's, normalised over V
+    assert torch.allclose(ref[1], top, atol=1e-12) and torch.equal(ref[2], top_ids)
+    assert (ref[4][..., 0] <= ref[4][..., 1] + 1e-12).all() and (ref[4][..., 0] >= -1e-12).all()

@@ -418,3 +418,50 @@ def test_lr_schedule_warmup_then_constant_or_cosine():
     assert lr_factor(110, cos, 110) == pytest.approx(0.1) == lr_factor(500, cos, 110)
     const = SimpleNamespace(warmup_steps=0, lr_scheduler_type="constant")
     assert lr_factor(0, const, 10) == lr_factor(99, const, 10) == 1.0
+
+
+# ---- distribution-level KL (issue 12): closed forms on a tiny vocabulary, float64
+
+def _logits(*shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+
+def test_reverse_kl_full_and_its_gradient_in_closed_form():
+    z = _logits(2, 3, 7, seed=0).requires_grad_()
+    t = _logits(2, 3, 7, seed=1).log_softmax(-1)
+    s = z.log_softmax(-1)
+    kl = loss.reverse_kl_full(s, t)
+    q, p = s.exp().detach(), t.exp()
+    assert torch.allclose(kl, (q * (q.log() - p.log())).sum(-1), atol=1e-14)
+    kl.sum().backward()  # d KL / d logits = q * (log q - log p - KL)
+    assert torch.allclose(z.grad, q * (q.log() - p.log() - kl.detach()[..., None]), atol=1e-14)
+
+
+def test_reverse_kl_topk_with_its_rest_bucket():
+    s = _logits(2, 3, 9, seed=2).log_softmax(-1)
+    t = _logits(2, 3, 9, seed=3).log_softmax(-1)
+    full = loss.reverse_kl_full(s, t)
+    for k in range(1, 10):
+        vals, ids = t.topk(k, -1)
+        kl = loss.reverse_kl_topk(s, vals, ids)
+        assert (kl >= -1e-12).all() and (kl <= full + 1e-12).all(), k
+        q_k, p_k = s.gather(-1, ids).exp(), vals.exp()
+        q_rest, p_rest = 1 - q_k.sum(-1), 1 - p_k.sum(-1)
+        by_hand = (q_k * (q_k.log() - p_k.log())).sum(-1)
+        if k < 9:
+            by_hand = by_hand + q_rest * (q_rest.log() - p_rest.log())
+        assert torch.allclose(kl, by_hand, atol=1e-10), k
+    assert torch.allclose(loss.reverse_kl_topk(s, *t.topk(9, -1)), full, atol=1e-12)  # k = V
+    assert (loss.reverse_kl_topk(s, *t.topk(2, -1)) < full - 1e-3).any()  # a real bucket loses detail
+
+
+def test_distribution_kl_is_zero_with_zero_gradient_when_teacher_is_student():
+    z = _logits(2, 4, 11, seed=4).requires_grad_()
+    s = z.log_softmax(-1)
+    same = s.detach().clone().requires_grad_()  # gradients must not flow into the teacher
+    for kl in (loss.reverse_kl_full(s, same), loss.reverse_kl_topk(s, *same.topk(3, -1))):
+        z.grad = None
+        assert kl.abs().max() < 1e-12
+        kl.sum().backward(retain_graph=True)
+        assert z.grad.abs().max() < 1e-12 and same.grad is None

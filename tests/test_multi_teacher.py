@@ -15,6 +15,7 @@ def test_disjoint_and_overlapping_placements_score_the_same(tiny, tmp_path, npro
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     d = json.loads(out.read_text())
     assert d["max_diff_math"] < 1e-5 and d["max_diff_general"] < 1e-5, d
+    assert d["max_diff_topk"] < 1e-5 and d["topk_shape_ok"], d  # top-k moved between groups = in place
     assert d["same_ids"] and d["routing_ok"], d
     assert d["greedy_matches_hf"], d
 

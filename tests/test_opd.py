@@ -116,3 +116,17 @@ def test_off_policy_baseline_trains_on_the_teachers_samples(tiny, tmp_path):
     for row in rows:  # no ratio (the samples are not the student's), no teacher scoring pass
         assert row["train/is_ratio_mean"] == 1.0 and row["train/clip_frac"] == 0.0
         assert "teacher/default/reverse_kl" not in row and row["train/response_len"] >= 1
+
+
+def test_distribution_level_kl_modes_on_2_ranks(tiny, tmp_path):
+    """opd_kl_mode topk and full (issue 12): step 1 of both samples the same tokens (seeded
+    requests, same initial student), so its top-k KL (k=4, with the rest bucket) is at most
+    the full KL; with the student as its own teacher the full KL and its gradient are 0."""
+    flags = ("--max_steps", "2", "--validation.eval_steps", "0")
+    _, topk = run_opd(tiny, tmp_path / "topk", *flags, "--opd_kl_mode", "topk", "--opd_kl_topk", "4")
+    _, full = run_opd(tiny, tmp_path / "full", *flags, "--opd_kl_mode", "full")
+    assert topk[0]["train/reverse_kl"] == full[0]["train/reverse_kl"]  # the same rollout at step 1
+    assert 0.01 < topk[0]["train/kl_topk"] <= full[0]["train/kl_full"] + 1e-6, (topk[0], full[0])
+    assert all(r["train/grad_norm"] > 0 for r in topk + full)
+    _, same = run_opd(tiny, tmp_path / "same", *flags, "--opd_kl_mode", "full", teacher=tiny["student"])
+    assert abs(same[0]["train/kl_full"]) < 1e-6 and same[0]["train/grad_norm"] < 1e-5, same[0]
