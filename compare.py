@@ -14,6 +14,9 @@ flags differ:
     rl          plain RL from the math reward only (no teacher), GRPO advantage
     mixed       GRPO advantage from the math reward minus the teacher's reverse KL
     off_policy  SFT on answers the teacher sampled (the teacher's own rollouts)
+    opd_topk    OPD with the KL to the teacher's top-k (+ rest bucket) as a loss term (opd_kl_mode topk)
+    opd_full    OPD with the full-vocabulary KL as a loss term (opd_kl_mode full)
+                (these two only when named: --methods opd opd_topk opd_full)
 
 With --agentic every run starts from configs/agentic_toy.yaml (multi-turn games; the
 reward of rl and mixed is the episodes' env reward, the score is greedy validation
@@ -47,9 +50,12 @@ METHODS = {
     "rl": ["--teacher.model_name_or_path", ""],  # no teacher: the math (rlvr) or env (agentic) reward
     "mixed": ["--use_opd"],
     "off_policy": ["--off_policy"],
+    "opd_topk": ["--opd_kl_mode", "topk"],  # the teacher's top-64 + a rest bucket, as a loss term
+    "opd_full": ["--opd_kl_mode", "full"],  # the teacher's whole distribution, as a loss term
 }
 LABELS = {"opd": "on-policy distillation", "rl": "plain RL (reward only)",
-          "mixed": "mixed (RL + OPD)", "off_policy": "off-policy distillation (SFT)"}
+          "mixed": "mixed (RL + OPD)", "off_policy": "off-policy distillation (SFT)",
+          "opd_topk": "on-policy distillation, top-k KL", "opd_full": "on-policy distillation, full KL"}
 
 
 def run(method, extra, agentic=False):
@@ -136,7 +142,7 @@ def main():
     ap.add_argument("--agentic", action="store_true", help="the agentic toy: multi-turn games")
     ap.add_argument("--out", default=os.path.join(ROOT, "results"), help="where the table and plot go")
     args = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
-    methods = args.methods or (["opd", "rl", "mixed"] if args.agentic else list(METHODS))
+    methods = args.methods or (["opd", "rl", "mixed"] if args.agentic else ["opd", "rl", "mixed", "off_policy"])
     if args.agentic and "off_policy" in methods:
         sys.exit("compare: off_policy is rlvr only (not with --agentic)")
     name, stem = ("success", "compare_agentic") if args.agentic else ("accuracy", "compare")

@@ -215,7 +215,9 @@ def check_envs(cfg):
 
 def is_toy(path):
     """A model of one of the toy worlds (built on first use)."""
-    return os.path.abspath(path).startswith((toy.TOY_DIR, _agentic_toy_dir()))
+    import toy_long
+
+    return os.path.abspath(path).startswith((toy.TOY_DIR, _agentic_toy_dir(), toy_long.TOY_DIR))
 
 
 def toy_values_notice(cfg):

@@ -40,6 +40,7 @@ import teachers as teachers_lib
 import toy
 import sources
 import toy_agentic
+import toy_long
 import validation
 import logs
 from logs import Logger, banner, progress_line, step_metrics
@@ -476,6 +477,7 @@ if __name__ == "__main__":
         toy.prepare_if_used(used + (cfg.data.file_name + cfg.validation.file_name  # data: rlvr only
                                     if cfg.pure_opd_pipeline_type == "rlvr" else []))
         toy_agentic.prepare_if_used(used)
+        toy.prepare_if_used(used + cfg.data.file_name + cfg.validation.file_name, toy_long.TOY_DIR, toy_long.prepare)
         main(cfg)
     except (config.ConfigError, data.DataError, teachers_lib.TeacherError, agent.EnvError, checkpoint.ResumeError,
             checkpoint.TrainingError, loading.LoadError) as e:

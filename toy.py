@@ -155,8 +155,8 @@ def make_problems(n: int, seed: int, exclude: set[str] | frozenset[str] = frozen
 
 
 def answer_text(record: dict) -> str:
-    """The target completion, without the eos token."""
-    return f"\\boxed{{{record['ground_truth']}}}"
+    """The target completion, without the eos token (a record's worked `solution`, if any)."""
+    return record.get("solution") or f"\\boxed{{{record['ground_truth']}}}"
 
 
 def parse_boxed(text: str) -> str | None:
