@@ -125,6 +125,32 @@ def load_prompts(files, tokenizer, prompt_length, global_template="native", tag_
     return items, notes
 
 
+def teacher_answers(items, n, max_tokens):
+    """Whether the prompts carry the teacher's answers (`teacher_completion_ids`, written
+    by teacher_data.py) for off-policy SFT: all of them, or none. Each needs at least `n`
+    answers of at most `max_tokens` tokens; a record that breaks this stops the run here,
+    named by file:line, not mid-run."""
+    has = [isinstance(rec.get("teacher_completion_ids"), list) for _, rec in items]
+    if not any(has):
+        return False
+    for (_, rec), ok in zip(items, has):
+        where = rec.get("_where", "?")
+        if not ok:
+            raise DataError(f"{where}: no teacher_completion_ids, but other records have them; write every "
+                            "prompt's answers with teacher_data.py, or none")
+        answers = rec["teacher_completion_ids"]
+        if len(answers) < n:
+            raise DataError(f"{where}: {len(answers)} teacher answers, num_return_sequences_in_group={n} "
+                            "needs that many per prompt")
+        for a in answers[:n]:
+            if not a or not all(isinstance(t, int) for t in a):
+                raise DataError(f"{where}: teacher_completion_ids holds an empty or non-integer answer")
+            if len(a) > max_tokens:
+                raise DataError(f"{where}: a teacher answer of {len(a)} tokens, longer than "
+                                f"response_length={max_tokens}")
+    return True
+
+
 class _Stream:
     """Item indices in a fresh seeded permutation every epoch."""
 

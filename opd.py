@@ -220,8 +220,9 @@ class Config:
     """Mixed mode: advantage = RL advantage from the rewards - sum of teacher KL terms.
     With no teacher (teacher: {}) training is plain RL."""
     off_policy: bool = False
-    """Baseline instead of OPD: the teacher writes the answers (sampled at
-    student_infer.temperature) and the student is trained by SFT on them."""
+    """Baseline instead of OPD: the student is trained by SFT on the teacher's answers:
+    those stored in the data (teacher_data.py samples them once, up front, with vLLM),
+    else the teacher decodes each step's (sampled at student_infer.temperature)."""
     adv_estimator: Literal["grpo", "reinforce"] = "grpo"
     """RL advantage from rewards (mixed mode, plain RL): group-normalised or raw."""
     global_template: str = "native"

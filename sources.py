@@ -61,6 +61,14 @@ class Prompts:
         except ValueError as e:
             raise data.DataError(f"data: {e}") from None
         self.what = f"{len(items)} prompts"
+        # off-policy SFT trains on the teacher's answers: written up front (teacher_data.py,
+        # sampled with vLLM) when the data carries them, else decoded by the teacher each step
+        self.from_file = cfg.off_policy and data.teacher_answers(items, cfg.num_return_sequences_in_group,
+                                                                  cfg.response_length)
+        if cfg.off_policy:
+            self.what += (" with the teacher's answers from the data files" if self.from_file else
+                          ", the teacher answering each step (teachers.generate; teacher_data.py samples "
+                          "them up front with vLLM, much faster)")
         self.all_tags = sorted({rec.get("tag", "") for _, rec in items})
 
     def sample(self, llm, teachers, device, step):
@@ -68,7 +76,9 @@ class Prompts:
         prompts = self.batches.next()
         ids, tags = [ids for ids, _ in prompts], [r.get("tag", "") for _, r in prompts]
         G, pad_id = cfg.num_return_sequences_in_group, tok.pad_token_id or 0
-        if cfg.off_policy:  # the baseline: the teacher answers, the student will imitate
+        if self.from_file:  # the baseline: the student will imitate the teacher's answers
+            batch = teacher_batch(prompts, G, pad_id)
+        elif cfg.off_policy:
             batch = teachers_lib.teacher_rollout(teachers[0], ids, tags, n=G, max_tokens=cfg.response_length,
                                                  temperature=si.temperature, eos_id=tok.eos_token_id,
                                                  pad_id=pad_id, device=device)
@@ -100,6 +110,16 @@ class Prompts:
 
     def teacher_validate(self, teachers, device):
         return validation.teacher_accuracy(teachers, self.val, self.tokenizer, self.cfg, self.reward_cfgs, device)
+
+
+def teacher_batch(prompts, n, pad_id):
+    """A Rollout of the first `n` teacher answers stored with each prompt (off-policy SFT:
+    no ratio, so rollout_logp is 0)."""
+    rows = [torch.tensor(ids) for ids, _ in prompts for _ in range(n)]
+    answers = [torch.tensor(a) for _, rec in prompts for a in rec["teacher_completion_ids"][:n]]
+    return rollout.collate(rows, answers, [torch.zeros(len(a)) for a in answers],
+                           torch.arange(len(prompts)).repeat_interleave(n),
+                           [rec.get("tag", "") for _, rec in prompts for _ in range(n)], pad_id)
 
 
 class Episodes:

@@ -164,3 +164,12 @@ def test_distribution_kl_mode_needs_a_teacher(tiny, tmp_path):
     assert "opd_kl_mode=topk needs a teacher to distill from" in err
     err = opd_error(tiny, "--opd_kl_mode", "topk", "--opd_kl_topk", "0", tmp_path=tmp_path)
     assert "opd_kl_topk must be >= 1, got 0" in err
+
+
+def test_teacher_data_needs_an_out_path_and_exactly_one_teacher(tmp_path):
+    r = run_cmd([PY, "teacher_data.py", "--max_steps", "1"])
+    assert r.returncode != 0 and "--out PATH is required" in r.stderr, r.stderr[-2000:]
+    out = tmp_path / "d.jsonl"
+    r = run_cmd([PY, "teacher_data.py", "--teacher.model_name_or_path", "", "--out", str(out)])
+    assert r.returncode == 2 and "needs exactly one teacher, the config has 0 (none)" in r.stderr, r.stderr[-2000:]
+    assert not out.exists() and not (tmp_path / "d.jsonl.tmp").exists()

@@ -79,3 +79,33 @@ def test_prompts_no_teacher_and_no_reward_handle_are_counted_and_dropped(tmp_pat
     assert len(notes) == 1 and "skipped 2 records" in notes[0] and "['poetry']" in notes[0]
     items, notes = data.load_prompts([str(path)], tok, 64, users=[["math"], []])  # [] = all tags
     assert len(items) == 4 and notes == []
+
+
+def test_teacher_answers_are_all_or_nothing_and_checked_per_record():
+    """Off-policy SFT from a teacher_data.py file: every prompt carries >= G answers of at
+    most response_length tokens, or none does; a broken record is named by file:line."""
+    rec = lambda i, answers=None: ([1, 2], {"_where": f"d.jsonl:{i}", **(
+        {} if answers is None else {"teacher_completion_ids": answers})})
+    assert data.teacher_answers([rec(1), rec(2)], n=2, max_tokens=4) is False
+    assert data.teacher_answers([rec(1, [[5, 6], [7]]), rec(2, [[5], [6, 7, 8], [9]])], n=2, max_tokens=4)
+    for items, needle in [
+        ([rec(1, [[5], [6]]), rec(2)], "d.jsonl:2: no teacher_completion_ids"),
+        ([rec(1, [[5]])], "d.jsonl:1: 1 teacher answers, num_return_sequences_in_group=2"),
+        ([rec(1, [[5], [6, 7, 8, 9, 10]])], "d.jsonl:1: a teacher answer of 5 tokens, longer than response_length=4"),
+        ([rec(1, [[5], []])], "d.jsonl:1: teacher_completion_ids holds an empty"),
+        ([rec(1, [[5], ["a"]])], "non-integer"),
+    ]:
+        with pytest.raises(data.DataError, match=needle):
+            data.teacher_answers(items, n=2, max_tokens=4)
+
+
+def test_teacher_batch_is_the_stored_answers_grouped_by_prompt():
+    import sources
+
+    prompts = [([1, 2, 3], {"tag": "a", "teacher_completion_ids": [[4, 5], [6], [7, 7, 7]]}),
+               ([8], {"tag": "b", "teacher_completion_ids": [[9, 2], [3, 3]]})]
+    b = sources.teacher_batch(prompts, 2, pad_id=0)
+    assert b.response_ids() == [[4, 5], [6], [9, 2], [3, 3]]  # the first n of each prompt, in order
+    assert b.group.tolist() == [0, 0, 1, 1] and b.tags == ["a", "a", "b", "b"]
+    assert b.input_ids[:, :b.prompt_len].tolist() == [[1, 2, 3]] * 2 + [[0, 0, 8]] * 2
+    assert b.rollout_logp.abs().sum() == 0

@@ -118,6 +118,50 @@ def test_off_policy_baseline_trains_on_the_teachers_samples(tiny, tmp_path):
         assert "teacher/default/reverse_kl" not in row and row["train/response_len"] >= 1
 
 
+def test_teacher_data_file_then_off_policy_sft_from_it(tiny, tmp_path):
+    """teacher_data.py samples the teacher's answers once with vLLM on 2 ranks (greedy here,
+    so they must equal a plain HF greedy decode of the teacher); opd.py --off_policy then
+    trains on that file and generates nothing."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "td" / "data.jsonl"
+    common = ["--pretrain", tiny["student"], "--teacher.model_name_or_path", tiny["teacher"],
+              "--num_return_sequences_in_group", "2", "--response_length", "16", "--rollout_batch_size", "8"]
+    r = run_cmd([TORCHRUN, "--nproc_per_node=2", "teacher_data.py", *common, "--data.file_name", tiny["train"],
+                 "--student_infer.temperature", "0", "--out", str(out)])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert re.search(r"teacher data: 64 prompts x 2 answers, [0-9,]+ tokens sampled in", r.stdout), r.stdout
+    assert "vLLM" not in r.stdout and (tmp_path / "td" / "logs" / "rank0.log").exists()  # quiet console
+    src = [json.loads(line) for line in open(tiny["train"])]
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [x["id"] for x in recs] == [x["id"] for x in src]  # every prompt, in input order
+    cost = json.loads((tmp_path / "td" / "data.jsonl.json").read_text())
+    assert cost["prompts"] == 64 and cost["answers"] == 128 and cost["sampling_s"] > 0
+    assert cost["response_tokens"] == sum(len(a) for x in recs for a in x["teacher_completion_ids"])
+    tok, teacher = tiny["tokenizer"], AutoModelForCausalLM.from_pretrained(tiny["teacher"])
+    for x in recs[:6]:
+        answers = x["teacher_completion_ids"]
+        assert len(answers) == 2 and answers[0] == answers[1] and 1 <= len(answers[0]) <= 16  # greedy
+        assert x["teacher_completions"][0] == tok.decode(answers[0], skip_special_tokens=True)
+        prompt = tok.apply_chat_template(x["messages"], add_generation_prompt=True, tokenize=True)
+        if not isinstance(prompt, list):
+            prompt = prompt["input_ids"]
+        ref = teacher.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False,
+                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)[0, len(prompt):]
+        ref = ref.tolist()
+        assert answers[0] == (ref[:ref.index(tok.eos_token_id) + 1] if tok.eos_token_id in ref else ref)
+
+    r, rows = run_opd(tiny, tmp_path / "sft", "--off_policy", "--data.file_name", str(out), "--max_steps", "8",
+                      "--student_train.lr", "1e-2", "--student_train.warmup_steps", "0",
+                      "--num_return_sequences_in_group", "2")
+    assert "64 prompts with the teacher's answers from the data files" in r.stdout
+    nll = [row["train/loss"] for row in rows]
+    assert nll[0] > 1.0 and sum(nll[-2:]) / 2 < 0.85 * nll[0], nll
+    mean_len = sum(len(a) for x in recs for a in x["teacher_completion_ids"]) / 128
+    assert all(abs(row["train/response_len"] - mean_len) < 6 for row in rows)
+
+
 def test_distribution_level_kl_modes_on_2_ranks(tiny, tmp_path):
     """opd_kl_mode topk and full (issue 12): step 1 of both samples the same tokens (seeded
     requests, same initial student), so its top-k KL (k=4, with the rest bucket) is at most
