@@ -107,22 +107,25 @@ def parse(config_cls, argv, description=None, normalize=None):
 
 
 def given_keys(argv):
-    """Top-level keys the user set, by a flag or in the --config YAML."""
-    keys = {a[2:].split("=")[0].split(".")[0] for a in argv if a.startswith("--")}
+    """The keys the user set, by a flag or in the --config YAML: top-level ones
+    ("validation") and the dotted ones under them ("validation.file_name")."""
+    flags = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
     _, values = _yaml_values(argv)
-    return keys | set(values if isinstance(values, dict) else ())
+    values = values if isinstance(values, dict) else {}
+    dotted = {f"{k}.{sub}" for k, v in values.items() if isinstance(v, dict) for sub in v}
+    return flags | {f.split(".")[0] for f in flags} | set(values) | dotted
 
 
 def apply_toy_defaults(cfg, given=frozenset()):
     """The toy teacher and validation split are defaults for the toy world only: a config
     that brings its own student and names no teacher (`given`: the keys the user set)
     trains with plain RL (as in the seed: no teacher configured = RL), and its own data
-    has no validation by default."""
+    has no validation unless validation.file_name is given (the toy's own, too)."""
     defaults = type(cfg)()
     if "teacher" not in given and cfg.pretrain != defaults.pretrain:
         cfg.teacher = {}
     cfg.teacher = {n: t for n, t in cfg.teacher.items() if t.model_name_or_path}  # '' = none
-    if cfg.validation.file_name == defaults.validation.file_name and cfg.data.file_name != defaults.data.file_name:
+    if "validation.file_name" not in given and cfg.data.file_name != defaults.data.file_name:
         cfg.validation.file_name = []
 
 

@@ -103,3 +103,21 @@ def test_a_real_model_is_told_which_settings_keep_toy_values():
     for key in ("student_train.lr=0.002", "prompt_length=64", "response_length=16",
                 "student_train.micro_batch_size=128", "teacher.default.micro_batch_size=128"):
         assert key in line, key
+
+
+def test_own_data_drops_the_toy_validation_unless_it_is_named(tmp_path):
+    import config
+
+    toy_val = opd.Validation().file_name
+    for argv, kept in [(["--data.file_name", "/my/train.jsonl"], False),
+                       (["--data.file_name", "/my/train.jsonl", "--validation.eval_steps", "10"], False),
+                       (["--data.file_name", "/my/train.jsonl", "--validation.file_name", *toy_val], True),
+                       ([], True)]:
+        cfg = opd.parse_config(argv)
+        config.apply_toy_defaults(cfg, config.given_keys(argv))
+        assert (cfg.validation.file_name == toy_val) == kept and bool(cfg.validation.file_name) == kept, argv
+    p = tmp_path / "c.yaml"
+    p.write_text(f"data:\n  file_name: [/my/train.jsonl]\nvalidation:\n  file_name: {toy_val}\n")
+    cfg = opd.parse_config(["--config", str(p)])
+    config.apply_toy_defaults(cfg, config.given_keys(["--config", str(p)]))
+    assert cfg.validation.file_name == toy_val
