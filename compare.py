@@ -66,12 +66,17 @@ TASKS = {  # name: (preset, score, output stem, plot title)
 }
 
 
+def _preset(task):
+    return ["--config", os.path.join(ROOT, TASKS[task][0])] if TASKS[task][0] else []
+
+
 def launch(cmd, run_dir, reuse):
     """Run one torchrun job into run_dir (its console -> console.log); returns its wall seconds."""
     done = os.path.join(run_dir, "compare_run.json")
-    if reuse and os.path.exists(done) and json.load(open(done)).get("cmd") == cmd[1:]:  # the same run
+    before = json.load(open(done)) if reuse and os.path.exists(done) else {}
+    if before.get("cmd") == cmd[1:]:  # the same run, finished
         print(f"[compare] reuse {run_dir}", flush=True)
-        return json.load(open(done))["wall_s"]
+        return before["wall_s"]
     print(f"[compare] {' '.join(cmd[1:])}", flush=True)
     shutil.rmtree(run_dir, ignore_errors=True)  # this script's own scratch: a rerun starts clean
     os.makedirs(run_dir)
@@ -87,7 +92,7 @@ def teacher_data(task, seed, extra, reuse):
     """The off-policy baseline's dataset for this seed (teacher_data.py); (path, its cost, wall s)."""
     run_dir = os.path.join(ROOT, "runs", "compare", f"{task}-teacher-data-s{seed}")
     out = os.path.join(run_dir, "data.jsonl")
-    preset = ["--config", os.path.join(ROOT, TASKS[task][0])] if TASKS[task][0] else []
+    preset = _preset(task)
     wall = launch([TORCHRUN, "--nproc_per_node=2", os.path.join(ROOT, "teacher_data.py"), *preset,
                    "--seed", str(seed), *extra, "--out", out], run_dir, reuse)
     return out, json.load(open(out + ".json")), wall
@@ -96,7 +101,7 @@ def teacher_data(task, seed, extra, reuse):
 def run(task, method, seed, extra, reuse, data_file=None):
     """One opd.py run; returns (its metrics.jsonl rows, its wall seconds)."""
     run_dir = os.path.join(ROOT, "runs", "compare", f"{task}-{method}-s{seed}")
-    preset = ["--config", os.path.join(ROOT, TASKS[task][0])] if TASKS[task][0] else []
+    preset = _preset(task)
     data = ["--data.file_name", data_file] if data_file else []
     if data_file and not TASKS[task][0]:  # own data files get no validation by default: keep the toy's
         import toy

@@ -360,23 +360,29 @@ def response_logp(model, batch, temperature=1.0, chunked=True, topk=0, kl_to=Non
     whole vocabulary, and their ids: returns (logp, topk_logp [B, R, k], topk_ids [B, R, k]).
     `kl_to` (the student) is a function (log-probs [b, t, V] of a chunk, its slice of the R
     positions) -> [b, t, n] KL terms: returns (logp, kl [B, R, n])."""
-    targets = batch.input_ids[:, batch.prompt_len:]
-    R = targets.shape[1]
-    score = functools.partial(_scores, targets=targets, temperature=temperature, topk=topk, kl_to=kl_to)
-    if not chunked or not _can_chunk(model):
-        packed = score(_forward(model, batch, R + 1).logits[:, :-1], slice(0, R))
-    else:
-        with _head_returns_scores(model, score) as seen:
-            packed = _forward(model, batch, R + 1).logits
-        if seen["calls"] != 1 or packed is not seen["out"]:
-            raise RuntimeError(
-                f"{type(model).__name__}'s forward does not return its output head's result as is "
-                "(post-processed logits?): add its config key to rollout.LOGIT_POSTPROCESSING")
+    packed = response_scores(model, batch, temperature, chunked, topk, kl_to)
     if not topk and kl_to is None:
         return packed[..., 0]
     if topk:  # ids travel as floats in the packed tensor: exact below 2**24
         return packed[..., 0], packed[..., 1:1 + topk], packed[..., 1 + topk:].long()
     return packed[..., 0], packed[..., 1:]
+
+
+def response_scores(model, batch, temperature=1.0, chunked=True, topk=0, kl_to=None):
+    """What response_logp returns, packed in one fp32 tensor [B, R, 1 (+ 2k) (+ n)] (see
+    _scores): the layout teachers.score moves between rank groups as it is."""
+    targets = batch.input_ids[:, batch.prompt_len:]
+    R = targets.shape[1]
+    score = functools.partial(_scores, targets=targets, temperature=temperature, topk=topk, kl_to=kl_to)
+    if not chunked or not _can_chunk(model):
+        return score(_forward(model, batch, R + 1).logits[:, :-1], slice(0, R))
+    with _head_returns_scores(model, score) as seen:
+        packed = _forward(model, batch, R + 1).logits
+    if seen["calls"] != 1 or packed is not seen["out"]:
+        raise RuntimeError(
+            f"{type(model).__name__}'s forward does not return its output head's result as is "
+            "(post-processed logits?): add its config key to rollout.LOGIT_POSTPROCESSING")
+    return packed
 
 
 def _forward(model, batch, keep):

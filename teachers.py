@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import loading
-from rollout import Rollout, collate, response_logp
+from rollout import Rollout, collate, response_scores
 
 
 class TeacherError(ValueError):
@@ -163,8 +163,7 @@ def _forward_rows(t, batch, idx, out, topk=0):
     for i in range(int(n_micro)):
         mb_idx = idx[i * t.micro_batch_size:(i + 1) * t.micro_batch_size]
         if len(mb_idx):
-            got = response_logp(t.model, batch.select(mb_idx), topk=topk)
-            out[mb_idx] = torch.cat([got[0][..., None], got[1], got[2].float()], -1) if topk else got[..., None]
+            out[mb_idx] = response_scores(t.model, batch.select(mb_idx), topk=topk)
         else:
             t.model(input_ids=batch.input_ids[:1, :1])
 
